@@ -1,0 +1,5 @@
+import sys
+
+from cnnscale.cli import main
+
+sys.exit(main())

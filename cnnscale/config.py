@@ -1,0 +1,430 @@
+"""Run configuration: frozen dataclasses per component, loaded from YAML and overridden from the command line.
+
+Precedence: dataclass defaults < ``--config FILE.yaml`` < the short flags (``--model``, ``--lr``, ...) and
+``--section.field value`` overrides. Every error (unknown key, wrong type, out-of-range value) is a one-line
+:class:`~cnnscale.errors.UserError`.
+
+Batch arithmetic is explicit: ``global_batch = micro_batch x grad_accum x world_size``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cnnscale.errors import UserError
+
+__all__ = [
+    "Config", "ModelConfig", "DataConfig", "OptimConfig", "SchedConfig", "TrainConfig", "ProfileConfig",
+    "FastConfig", "DistConfig", "load_config", "config_to_dict", "parse_cli", "SHORT_FLAGS", "global_batch",
+]
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULERS = ("none", "step", "multistep", "cosine", "plateau", "onecycle")
+PRECISIONS = ("no", "fp16", "bf16")
+DATASETS = ("cifar10", "imagefolder", "synthetic")
+LOADERS = ("torch", "device")
+COMM_HOOKS = ("none", "fp16", "bf16")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+def _choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{section}.{name}: unknown value {value!r} (choose from: {', '.join(choices)})")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet18"
+    """Registered model name (``cnnscale models`` lists them)."""
+    width_mult: float | None = None
+    """Width multiplier for models that take one (mobilenet_v1/v2); None keeps the model's default."""
+    num_classes: int = 10
+    """Output classes."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_classes >= 2, f"model.num_classes must be >= 2, got {self.num_classes}")
+        _check(self.width_mult is None or self.width_mult > 0, f"model.width_mult must be > 0, got {self.width_mult}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "cifar10"
+    """cifar10 (torchvision), imagefolder (DIR/train, DIR/test in ImageFolder layout) or synthetic."""
+    data_dir: str = "data"
+    """Root directory of the data set."""
+    download: bool = True
+    """cifar10 only: download when missing."""
+    val_size: int = 5000
+    """Images held out from train for validation (0 disables validation)."""
+    loader: str = "torch"
+    """torch: DataLoader with torchvision transforms; device: whole uint8 set on the device, batched augmentation."""
+    augment: bool = True
+    """RandomCrop(32, padding=4) + horizontal flip on train."""
+    num_workers: int = 2
+    """DataLoader worker processes (torch loader)."""
+    pin_memory: bool = True
+    """Pin host memory (only used with CUDA)."""
+    persistent_workers: bool = True
+    """Keep DataLoader workers alive between epochs."""
+    synthetic_size: int = 10000
+    """Number of synthetic training images (test set is a fifth of it)."""
+    limit_train: int = 0
+    """Use only the first N training images after the split (0: all); for quick runs."""
+    limit_test: int = 0
+    """Use only the first N test images (0: all)."""
+
+    def __post_init__(self) -> None:
+        _choice("data", "name", self.name, DATASETS)
+        _choice("data", "loader", self.loader, LOADERS)
+        for n in ("val_size", "num_workers", "limit_train", "limit_test"):
+            _check(getattr(self, n) >= 0, f"data.{n} must be >= 0, got {getattr(self, n)}")
+        _check(self.synthetic_size > 0, f"data.synthetic_size must be > 0, got {self.synthetic_size}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"
+    """sgd, adam, adamw or rmsprop."""
+    lr: float = 0.1
+    """Peak learning rate."""
+    momentum: float = 0.9
+    """Momentum (sgd, rmsprop)."""
+    weight_decay: float = 5e-4
+    """L2 weight decay."""
+    nesterov: bool = False
+    """Nesterov momentum (sgd)."""
+    alpha: float = 0.9
+    """RMSprop smoothing constant."""
+    eps: float = 1e-8
+    """Denominator epsilon (adam, adamw, rmsprop)."""
+
+    def __post_init__(self) -> None:
+        _choice("optim", "name", self.name, OPTIMIZERS)
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
+
+
+@dataclass(frozen=True)
+class SchedConfig:
+    name: str = "cosine"
+    """none, step, multistep, cosine, plateau or onecycle. Lengths are in epochs, applied per optimiser step."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up from warmup_start_factor x lr, before the main schedule (not with plateau)."""
+    warmup_start_factor: float = 0.1
+    """Warm-up starts at this fraction of lr."""
+    step_size: float = 30.0
+    """step: epochs between decays."""
+    milestones: tuple[float, ...] = (100.0, 150.0)
+    """multistep: epochs at which lr decays."""
+    gamma: float = 0.1
+    """Decay factor (step, multistep, plateau)."""
+    t_max_epochs: float = 0.0
+    """cosine: length of the cosine in epochs (0: the whole run)."""
+    eta_min: float = 0.0
+    """cosine: final lr."""
+    patience: int = 5
+    """plateau: epochs without val-loss improvement before decaying."""
+
+    def __post_init__(self) -> None:
+        _choice("sched", "name", self.name, SCHEDULERS)
+        _check(self.warmup_epochs >= 0, f"sched.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _check(0 < self.warmup_start_factor <= 1, "sched.warmup_start_factor must be in (0, 1]")
+        _check(self.step_size > 0, f"sched.step_size must be > 0, got {self.step_size}")
+        _check(0 < self.gamma <= 1, f"sched.gamma must be in (0, 1], got {self.gamma}")
+        _check(self.t_max_epochs >= 0, f"sched.t_max_epochs must be >= 0, got {self.t_max_epochs}")
+        _check(self.patience >= 0, f"sched.patience must be >= 0, got {self.patience}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 0
+    """Epochs to train (0: bounded by max_steps instead; if both are 0, one epoch)."""
+    max_steps: int = 0
+    """Optimiser steps to train (0: bounded by epochs). If both are set, the first reached ends the run."""
+    micro_batch: int = 128
+    """Images per process per forward/backward."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimiser step."""
+    mixed_precision: str = "no"
+    """no, fp16 or bf16 (autocast through Accelerate)."""
+    clip_grad: float = 0.0
+    """Clip the gradient global norm to this value (0: off)."""
+    label_smoothing: float = 0.0
+    """CrossEntropyLoss label smoothing."""
+    seed: int = 0
+    """Seed for model init, data order and augmentation."""
+    log_every: int = 20
+    """Optimiser steps between metric records (the only place .item() is called)."""
+    eval_every_epoch: bool = True
+    """Evaluate on validation (and test at the end) each epoch."""
+    ckpt_every: int = 0
+    """Optimiser steps between checkpoints (0: only at the end)."""
+    keep_ckpts: int = 2
+    """Checkpoints kept in the run directory."""
+    out: str = ""
+    """Run directory (default: runs/<model>-<time>)."""
+    resume: str = ""
+    """Run directory to resume from its latest checkpoint ('' : fresh run)."""
+    progress: str = "auto"
+    """auto (rich bar on a TTY, plain lines otherwise), rich, plain or none."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 0, f"train.epochs must be >= 0, got {self.epochs}")
+        _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
+        _check(self.micro_batch >= 1, f"train.micro_batch must be >= 1, got {self.micro_batch}")
+        _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        _choice("train", "mixed_precision", self.mixed_precision, PRECISIONS)
+        _check(self.clip_grad >= 0, f"train.clip_grad must be >= 0, got {self.clip_grad}")
+        _check(0 <= self.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _check(self.ckpt_every >= 0, f"train.ckpt_every must be >= 0, got {self.ckpt_every}")
+        _check(self.keep_ckpts >= 1, f"train.keep_ckpts must be >= 1, got {self.keep_ckpts}")
+        _choice("train", "progress", self.progress, ("auto", "rich", "plain", "none"))
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    enabled: bool = True
+    """Measure throughput, step split, memory, utilisation and MFU (a no-op object when off)."""
+    nvml_hz: float = 10.0
+    """NVML sampling rate of the GPU sampler thread."""
+    sync_probe_every: int = 0
+    """Every N optimiser steps, time a micro-step under no_sync to measure gradient-sync cost (0: auto)."""
+    trace_steps: int = 0
+    """Write a torch.profiler trace of this many steps into the run directory (0: off)."""
+    peak_tflops: float = 0.0
+    """Override the peak TFLOP/s used for MFU (0: device table, or a matmul benchmark on CPU)."""
+
+    def __post_init__(self) -> None:
+        _check(self.nvml_hz > 0, f"profile.nvml_hz must be > 0, got {self.nvml_hz}")
+        _check(self.sync_probe_every >= 0, "profile.sync_probe_every must be >= 0")
+        _check(self.trace_steps >= 0, "profile.trace_steps must be >= 0")
+        _check(self.peak_tflops >= 0, "profile.peak_tflops must be >= 0")
+
+
+@dataclass(frozen=True)
+class FastConfig:
+    channels_last: bool = False
+    """Use channels_last memory format for model and inputs."""
+    compile: bool = False
+    """torch.compile the model."""
+    compile_mode: str = "default"
+    """torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs."""
+    cudnn_benchmark: bool = True
+    """torch.backends.cudnn.benchmark (GPU only)."""
+    tf32: bool = True
+    """Allow TF32 matmul/conv on Ampere+ GPUs."""
+
+    def __post_init__(self) -> None:
+        _choice("fast", "compile_mode", self.compile_mode,
+                ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    timeout_s: int = 120
+    """Collective timeout: a dead rank ends the job after at most this long (PyTorch's default is 30 min)."""
+    bucket_mb: int = 25
+    """DDP gradient bucket size in MB."""
+    comm_hook: str = "none"
+    """DDP communication hook: none, fp16 or bf16 gradient compression."""
+    static_graph: bool = False
+    """DDP static_graph (lets DDP skip some per-step bookkeeping)."""
+
+    def __post_init__(self) -> None:
+        _check(self.timeout_s >= 5, f"dist.timeout_s must be >= 5, got {self.timeout_s}")
+        _check(self.bucket_mb >= 1, f"dist.bucket_mb must be >= 1, got {self.bucket_mb}")
+        _choice("dist", "comm_hook", self.comm_hook, COMM_HOOKS)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    fast: FastConfig = field(default_factory=FastConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+def global_batch(cfg: Config, world_size: int) -> int:
+    """``micro_batch x grad_accum x world_size``: images per optimiser step."""
+    return cfg.train.micro_batch * cfg.train.grad_accum * world_size
+
+
+# Short flags shared by launch/train.py, `cnnscale train` and slurm/train.sbatch.
+SHORT_FLAGS: dict[str, str] = {
+    "--model": "model.name",
+    "--data": "data.name",
+    "--data-dir": "data.data_dir",
+    "--epochs": "train.epochs",
+    "--max-steps": "train.max_steps",
+    "--micro-batch": "train.micro_batch",
+    "--grad-accum": "train.grad_accum",
+    "--lr": "optim.lr",
+    "--mixed-precision": "train.mixed_precision",
+    "--out": "train.out",
+    "--resume": "train.resume",
+    "--seed": "train.seed",
+    "--loader": "data.loader",
+}
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type if isinstance(f.type, type) else globals()[f.type] for f in fields(Config)}
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check/convert one value against a dataclass field annotation (given as a string under PEP 563)."""
+    if isinstance(tp, str):
+        tp = eval(tp, globals(), {})  # our own annotations only
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if origin is tuple:
+        inner = typing.get_args(tp)[0]
+        if not isinstance(value, list | tuple):
+            value = [value]
+        return tuple(_coerce(key, v, inner) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _apply(base: Config, overrides: dict[str, dict[str, Any]], source: str) -> Config:
+    sections = _sections()
+    new_sections = {}
+    for sec, values in overrides.items():
+        if sec not in sections:
+            raise UserError(f"{source}: unknown section {sec!r} (choose from: {', '.join(sections)})")
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: section {sec!r} must be a mapping, got {type(values).__name__}")
+        cls = sections[sec]
+        ftypes = {f.name: f.type for f in fields(cls)}
+        kw = {}
+        for k, v in values.items():
+            if k not in ftypes:
+                raise UserError(f"{source}: unknown key '{sec}.{k}' (valid keys: {', '.join(ftypes)})")
+            kw[k] = _coerce(f"{sec}.{k}", v, ftypes[k])
+        new_sections[sec] = dataclasses.replace(getattr(base, sec), **kw)
+    return dataclasses.replace(base, **new_sections)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with ``safe_load``; a missing file or syntax error is a one-line UserError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{p}: YAML syntax error{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, dict[str, Any]]]:
+    """Split ``argv`` into a ``--config`` path and nested overrides. Unknown flags are errors."""
+    config_path = None
+    overrides: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r} (options are --flag value or --section.field value)")
+        key, eq, inline = arg.partition("=")
+        takes_optional = key == "--resume"
+        if eq:
+            value, i = inline, i + 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value, i = argv[i + 1], i + 2
+        elif takes_optional:
+            value, i = "auto", i + 1
+        else:
+            raise UserError(f"{key} needs a value")
+        if key == "--config":
+            config_path = value
+            continue
+        dotted = SHORT_FLAGS.get(key) or key[2:].replace("-", "_")
+        if "." not in dotted:
+            valid = ", ".join([*SHORT_FLAGS, "--config", "--section.field"])
+            raise UserError(f"unknown option {key} (valid: {valid})")
+        sec, _, fld = dotted.partition(".")
+        parsed = value if dotted in ("train.out", "train.resume", "data.data_dir", "model.name") else _parse_scalar(value)
+        overrides.setdefault(sec, {})[fld] = parsed
+    return config_path, overrides
+
+
+def load_config(argv: list[str] | None = None, path: str | Path | None = None,
+                overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Build a :class:`Config` from a YAML file and overrides (from ``argv`` or given directly)."""
+    cli_path, cli_over = parse_cli(argv or [])
+    path = path or cli_path
+    try:
+        cfg = Config()
+        if path:
+            cfg = _apply(cfg, load_yaml(path), str(path))
+        for over, src in ((overrides or {}, "overrides"), (cli_over, "command line")):
+            if over:
+                cfg = _apply(cfg, over, src)
+    except TypeError as exc:  # e.g. a dataclass __post_init__ comparing a wrong type
+        raise UserError(f"invalid configuration: {exc}") from None
+    if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1))
+    if cfg.train.resume == "auto" and cfg.train.out:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=cfg.train.out))
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Plain nested dict (tuples as lists) suitable for YAML/JSON."""
+    out = {}
+    for f in fields(cfg):
+        sec = dataclasses.asdict(getattr(cfg, f.name))
+        out[f.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in sec.items()}
+    return out

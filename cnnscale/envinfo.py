@@ -1,0 +1,65 @@
+"""What a run ran on: versions, devices, world size, nodes, SLURM ids, git sha (written to env.json)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["collect_env", "git_sha", "SLURM_VARS"]
+
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NUM_NODES", "SLURM_NODEID",
+              "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT", "SLURM_JOB_PARTITION")
+
+
+def git_sha() -> str | None:
+    """HEAD of the repository holding this package, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, timeout=5,
+                             capture_output=True, text=True, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def collect_env(accelerator: Any, hostnames: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    dev = accelerator.device
+    cuda = dev.type == "cuda"
+    env: dict[str, Any] = {
+        "world_size": accelerator.num_processes,
+        "num_nodes": len(set(hostnames)),
+        "hostnames": hostnames,
+        "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+        "backend": str(getattr(accelerator.state, "backend", None)),
+        "mixed_precision": accelerator.mixed_precision,
+        "device_type": dev.type,
+        "device_name": torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine(),
+        "device_count": torch.cuda.device_count() if cuda else 0,
+        "cuda": torch.version.cuda if cuda else None,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "versions": {p: _version(p) for p in ("cnnscale", "torch", "torchvision", "accelerate", "deepspeed",
+                                                "nvidia-ml-py")},
+        "git_sha": git_sha(),
+        "slurm": {k: os.environ[k] for k in SLURM_VARS if k in os.environ},
+    }
+    env.update(extra or {})
+    return env

@@ -1,0 +1,49 @@
+"""User-facing errors: one line on stderr, exit code 2, traceback only with ``--debug``.
+
+Every command entry point runs through :func:`run_cli`. Code anywhere in the package raises :class:`UserError` for
+bad input (unknown names, bad values, missing files); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+__all__ = ["UserError", "run_cli", "choices_error", "EXIT_USAGE"]
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """An error caused by the user's input. Its message is printed as one line, without a traceback."""
+
+
+def choices_error(kind: str, value: object, choices: Sequence[str]) -> UserError:
+    """``unknown model 'foo' (choose from: a, b, c)``."""
+    return UserError(f"unknown {kind} {value!r} (choose from: {', '.join(sorted(choices))})")
+
+
+def _debug_requested(argv: Sequence[str]) -> bool:
+    return "--debug" in argv or os.environ.get("CNNSCALE_DEBUG", "") not in ("", "0")
+
+
+def run_cli(fn: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, prog: str = "cnnscale") -> int:
+    """Call ``fn(argv)`` and turn a :class:`UserError` into a one-line message and exit code 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return int(fn(argv) or 0)
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
+        msg = " ".join(str(exc).split())  # always one line
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

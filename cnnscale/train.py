@@ -1,0 +1,337 @@
+"""Training on Accelerate: one plain loop that runs on one CPU, on 8 GPUs and across nodes.
+
+``build()`` makes the accelerator, data, model and optimiser; ``train_step()`` is one micro-step; ``evaluate()``
+gathers predictions with ``gather_for_metrics``; ``run(cfg)`` ties them together and writes the run directory.
+
+The LR scheduler is *not* passed through ``accelerator.prepare`` (its wrapper steps it once per process); it is
+stepped here once per optimiser step, so the schedule depends only on the optimiser-step count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnscale import checkpoint, records
+from cnnscale.config import Config, config_to_dict, global_batch, load_config
+from cnnscale.errors import UserError
+from cnnscale.progress import make_progress
+from cnnscale.profiling import build_profiler
+from cnnscale.schedule import build_optimizer, build_scheduler
+
+__all__ = ["Task", "ClassificationTask", "Trainer", "build_accelerator", "run", "main", "train_step", "evaluate"]
+
+
+class ClassificationTask:
+    """Cross-entropy (with optional label smoothing) on the model's logits."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def prepare(self, accelerator: Any) -> None:
+        """Hook for tasks that hold extra modules (a distillation teacher)."""
+
+    def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.criterion(model(images), labels)
+
+
+Task = ClassificationTask
+
+
+def build_accelerator(cfg: Config) -> Any:
+    """Accelerator on CPU (gloo) when there is no GPU, whatever the launcher or config file says."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    cpu = not torch.cuda.is_available()
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # gloo must be named on CPU for DeepSpeed's sake; naming it without a launcher would start a process group.
+    handlers: list[Any] = [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s),
+                                                  backend="gloo" if cpu and launched else None)]
+    ddp = {"bucket_cap_mb": cfg.dist.bucket_mb, "static_graph": cfg.dist.static_graph}
+    if cfg.dist.comm_hook != "none":
+        from accelerate.utils import DDPCommunicationHookType
+
+        ddp["comm_hook"] = {"fp16": DDPCommunicationHookType.FP16, "bf16": DDPCommunicationHookType.BF16}[
+            cfg.dist.comm_hook]
+    handlers.append(DistributedDataParallelKwargs(**ddp))
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    kw: dict[str, Any] = {} if deepspeed else {"mixed_precision": cfg.train.mixed_precision,
+                                                 "gradient_accumulation_steps": cfg.train.grad_accum}
+    return Accelerator(cpu=cpu, kwargs_handlers=handlers,
+                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), **kw)
+
+
+def _apply_fast_path(cfg: Config, device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.fast.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = cfg.fast.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.fast.tf32
+    return {"fast_path": dataclasses.asdict(cfg.fast), "loader": cfg.data.loader}
+
+
+def train_step(accelerator: Any, model: nn.Module, task: ClassificationTask, optimizer: Any, images: torch.Tensor,
+               labels: torch.Tensor, clip_grad: float, prof: Any) -> torch.Tensor:
+    """One micro-step under ``accelerator.accumulate``. Returns the detached loss; no ``.item()`` here."""
+    with accelerator.accumulate(model):
+        with prof.phase("fwd_bwd"):
+            with accelerator.autocast():
+                loss = task.loss(model, images, labels)
+            accelerator.backward(loss)
+        with prof.phase("optim"):
+            if clip_grad and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(accelerator: Any, model: nn.Module, loader: Any, channels_last: bool = False) -> dict[str, float]:
+    """Mean loss and accuracy over the whole set, all ranks gathered (padding duplicates dropped)."""
+    model.eval()
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    correct = torch.zeros((), device=accelerator.device, dtype=torch.int64)
+    n = 0
+    for images, labels in loader:
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            logits = model(images)
+        logits, labels = accelerator.gather_for_metrics((logits.float(), labels))
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+        correct += (logits.argmax(1) == labels).sum()
+        n += labels.numel()
+    model.train()
+    n = max(n, 1)
+    return {"loss": loss_sum.item() / n, "acc": correct.item() / n}  # note: sync point, once per evaluation
+
+
+@dataclass
+class _State:
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+
+def _resolve_out(cfg: Config, accelerator: Any) -> Path:
+    from accelerate.utils import broadcast_object_list
+
+    out = cfg.train.resume if cfg.train.resume else cfg.train.out
+    if not out:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = f"runs/{cfg.model.name}-ws{accelerator.num_processes}-{stamp}"
+    holder = [out]
+    broadcast_object_list(holder)
+    return Path(holder[0])
+
+
+def _check_writable(path: Path) -> None:
+    parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"output directory is not writable: {parent}")
+
+
+class Trainer:
+    """Holds the prepared objects of one run. ``fit()`` trains and returns the summary dict."""
+
+    def __init__(self, cfg: Config, task: ClassificationTask | None = None) -> None:
+        from cnnscale.models import create_model
+
+        from cnnscale import data
+
+        self.cfg = cfg
+        self.t_start = time.time()
+        self.acc = acc = build_accelerator(cfg)
+        torch.manual_seed(cfg.train.seed)
+        self.world = acc.num_processes
+        self.task = task or ClassificationTask(cfg.train.label_smoothing)
+        self.train_dl, self.val_dl, self.test_dl, num_classes = data.build(cfg, acc)
+        if num_classes != cfg.model.num_classes:
+            cfg = self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
+        self.run_dir = _resolve_out(cfg, acc)
+        if acc.is_main_process:
+            _check_writable(self.run_dir)
+        model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, width_mult=cfg.model.width_mult)
+        if cfg.fast.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.fast_env = _apply_fast_path(cfg, acc.device)
+        optimizer = build_optimizer(cfg.optim, model)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if cfg.fast.compile:
+            self.model = torch.compile(self.model, mode=cfg.fast.compile_mode)
+        self.task.prepare(acc)
+        self.steps_per_epoch = max(math.ceil(len(self.train_dl) / cfg.train.grad_accum), 1)
+        self.total_steps = self._total_steps()
+        self.scheduler = build_scheduler(cfg.sched, self.optimizer.optimizer, self.steps_per_epoch, self.total_steps)
+        acc.register_for_checkpointing(self.scheduler)
+        self.state = _State()
+        self.prof = build_profiler(cfg.profile.enabled, acc.device, self.world, accelerator=acc, model=self.model,
+                                   cfg=cfg)
+
+    def _total_steps(self) -> int:
+        t = self.cfg.train
+        by_epochs = t.epochs * self.steps_per_epoch if t.epochs else None
+        return min(x for x in (by_epochs, t.max_steps or None) if x is not None)
+
+    # --------------------------------------------------------------------------------------------- records
+    def _write_start(self) -> None:
+        from accelerate.utils import gather_object
+
+        hosts = gather_object([socket.gethostname()])
+        if not self.acc.is_main_process:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        records.write_yaml(self.run_dir / records.CONFIG, config_to_dict(self.cfg))
+        extra = {**self.fast_env, "global_batch": global_batch(self.cfg, self.world),
+                 "zero_stage": _zero_stage(self.acc), **self.prof_env()}
+        from cnnscale.envinfo import collect_env
+
+        records.write_json(self.run_dir / records.ENV, collect_env(self.acc, hosts, extra))
+        summary = {"status": "running", "model": self.cfg.model.name, "world_size": self.world}
+        if not (self.run_dir / records.SUMMARY).exists():
+            records.write_json(self.run_dir / records.SUMMARY, summary)
+        self.metrics = records.MetricsLog(self.run_dir / records.METRICS)
+
+    def prof_env(self) -> dict[str, Any]:
+        return getattr(self.prof, "env", lambda: {})()
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.acc.is_main_process:
+            self.metrics.log(record)
+
+    # --------------------------------------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        cfg, acc, st = self.cfg, self.acc, self.state
+        if cfg.train.resume:
+            saved = checkpoint.load_checkpoint(acc, cfg.train.resume)
+            st.step, st.epoch, st.batches_in_epoch = saved["step"], saved["epoch"], saved["batches_in_epoch"]
+        self._write_start()
+        progress = make_progress(cfg.train.progress, self.total_steps, acc.is_main_process, start=st.step)
+        loss_sum = torch.zeros((), device=acc.device)
+        loss_n = 0
+        last_eval: dict[str, float] = {}
+        last_eval_step, last_loss = -1, None
+        self.prof.start()
+        t_log = time.perf_counter()
+        done = st.step >= self.total_steps
+        while not done:
+            self.train_dl.set_epoch(st.epoch)
+            loader = self.train_dl
+            if st.batches_in_epoch:
+                from accelerate import skip_first_batches
+
+                loader = skip_first_batches(self.train_dl, st.batches_in_epoch)
+            for images, labels in self.prof.iter_data(loader):
+                if cfg.fast.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                loss_sum += train_step(acc, self.model, self.task, self.optimizer, images, labels,
+                                       cfg.train.clip_grad, self.prof)
+                loss_n += 1
+                st.batches_in_epoch += 1
+                if not acc.sync_gradients:
+                    continue
+                st.step += 1
+                if cfg.sched.name != "plateau":
+                    self.scheduler.step()
+                self.prof.step(images.shape[0] * self.world * cfg.train.grad_accum)
+                progress.advance()
+                if st.step % cfg.train.log_every == 0 or st.step == self.total_steps:
+                    loss = acc.reduce(loss_sum / max(loss_n, 1), "mean").item()  # note: sync point, log steps only
+                    now = time.perf_counter()
+                    rec = {"step": st.step, "epoch": st.epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                           "time_s": time.time() - self.t_start, "interval_s": now - t_log, **self.prof.log_metrics()}
+                    t_log = now
+                    self._log(rec)
+                    progress.log(rec)
+                    loss_sum.zero_()
+                    loss_n = 0
+                    last_loss = loss
+                if cfg.train.ckpt_every and st.step % cfg.train.ckpt_every == 0 and st.step < self.total_steps:
+                    self._save()
+                if st.step >= self.total_steps:
+                    done = True
+                    break
+            if not done or st.batches_in_epoch >= len(self.train_dl):
+                st.epoch, st.batches_in_epoch = st.epoch + 1, 0
+                if cfg.train.eval_every_epoch and self.val_dl is not None:
+                    last_eval, last_eval_step = self._end_epoch(), st.step
+        self.prof.stop()
+        progress.close()
+        self._save()
+        final: dict[str, Any] = {"final_loss": last_loss}
+        test = self._eval("test")
+        final.update({"test_loss": test["loss"], "test_acc": test["acc"]})
+        if self.val_dl is not None:
+            val = last_eval if last_eval_step == st.step else self._eval("val")
+            final.update({"val_loss": val["loss"], "val_acc": val["acc"]})
+        return self._finish(final)
+
+    def _eval(self, which: str) -> dict[str, float]:
+        dl = self.val_dl if which == "val" else self.test_dl
+        return evaluate(self.acc, self.model, dl, self.cfg.fast.channels_last)
+
+    def _end_epoch(self) -> dict[str, float]:
+        val = self._eval("val")
+        if self.cfg.sched.name == "plateau":
+            self.scheduler.step(val["loss"])
+        self._log({"step": self.state.step, "epoch": self.state.epoch, "val_loss": val["loss"], "val_acc": val["acc"],
+                   "time_s": time.time() - self.t_start})
+        return val
+
+    def _save(self) -> None:
+        st = self.state
+        checkpoint.save_checkpoint(self.acc, self.run_dir, dataclasses.asdict(st), keep=self.cfg.train.keep_ckpts)
+
+    def _finish(self, final: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        summary = {
+            "status": "ok", "model": cfg.model.name, "world_size": self.world,
+            "micro_batch": cfg.train.micro_batch, "grad_accum": cfg.train.grad_accum,
+            "global_batch": global_batch(cfg, self.world), "mixed_precision": cfg.train.mixed_precision,
+            "steps": self.state.step, "epochs_done": self.state.epoch, "wall_s": time.time() - self.t_start,
+            "loader": cfg.data.loader, "data": cfg.data.name, **final, **self.prof.summary(),
+        }
+        if self.acc.is_main_process:
+            records.write_json(self.run_dir / records.SUMMARY, summary)
+            self.metrics.close()
+        self.acc.wait_for_everyone()
+        return summary
+
+
+def _zero_stage(accelerator: Any) -> int | None:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return getattr(plugin, "zero_stage", None) if plugin is not None else None
+
+
+def run(cfg: Config, task: ClassificationTask | None = None) -> dict[str, Any]:
+    """Train one run described by ``cfg``; returns the summary (also written to ``summary.json``)."""
+    trainer = Trainer(cfg, task)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.acc.end_training()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``cnnscale train`` / ``launch/train.py``: ``--model NAME [--config FILE] [--section.field value ...]``."""
+    argv = list(argv or [])
+    if "-h" in argv or "--help" in argv:
+        from cnnscale.config import SHORT_FLAGS
+
+        print("usage: cnnscale train [--config FILE.yaml] [--model NAME] [--section.field VALUE ...]\n\nflags: "
+              + ", ".join(SHORT_FLAGS) + "\nany config field: --section.field value (see cnnscale/config.py)")
+        return 0
+    summary = run(load_config(argv))
+    return 0 if summary.get("status") == "ok" else 1
