@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnscale import checkpoint, records
+from cnnscale import checkpoint, ds_config, preempt, records
 from cnnscale.config import Config, config_to_dict, global_batch, load_config
 from cnnscale.errors import UserError
 from cnnscale.progress import make_progress
@@ -66,11 +66,12 @@ def build_accelerator(cfg: Config) -> Any:
         ddp["comm_hook"] = {"fp16": DDPCommunicationHookType.FP16, "bf16": DDPCommunicationHookType.BF16}[
             cfg.dist.comm_hook]
     handlers.append(DistributedDataParallelKwargs(**ddp))
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    kw: dict[str, Any] = {} if deepspeed else {"mixed_precision": cfg.train.mixed_precision,
-                                                 "gradient_accumulation_steps": cfg.train.grad_accum}
-    return Accelerator(cpu=cpu, kwargs_handlers=handlers,
-                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), **kw)
+    # Under DeepSpeed these two fill the JSON's "auto" values; cpu=True would silently drop DeepSpeed for plain DDP.
+    acc = Accelerator(cpu=cpu and not ds_config.use_deepspeed(), kwargs_handlers=handlers,
+                      mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
+                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    ds_config.configure_deepspeed(acc, cfg)
+    return acc
 
 
 def _apply_fast_path(cfg: Config, device: torch.device) -> dict[str, Any]:
@@ -213,6 +214,11 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
+        """Train. SIGUSR1/SIGTERM/SIGINT stop it at the next optimiser step with a checkpoint (see preempt)."""
+        with preempt.SignalGuard(self.acc) as self.signals:
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         cfg, acc, st = self.cfg, self.acc, self.state
         if cfg.train.resume:
             saved = checkpoint.load_checkpoint(acc, cfg.train.resume)
@@ -260,6 +266,9 @@ class Trainer:
                     last_loss = loss
                 if cfg.train.ckpt_every and st.step % cfg.train.ckpt_every == 0 and st.step < self.total_steps:
                     self._save()
+                if st.step < self.total_steps and self.signals.requested(st.step):  # all ranks vote, same answer
+                    progress.close()
+                    return preempt.stop_run(self, self.signals)
                 if st.step >= self.total_steps:
                     done = True
                     break
@@ -334,4 +343,4 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(SHORT_FLAGS) + "\nany config field: --section.field value (see cnnscale/config.py)")
         return 0
     summary = run(load_config(argv))
-    return 0 if summary.get("status") == "ok" else 1
+    return preempt.exit_code(summary)

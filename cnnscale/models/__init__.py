@@ -9,12 +9,8 @@ from cnnscale.models._registry import create_model, get_model_builder, list_mode
 
 __all__ = [
     "create_model", "get_model_builder", "list_models", "model_family", "register_model", "SEED_MODELS",
-    "FAMILY_MODULES",
 ]
 
 # The five models of the seed's study. ``vgg16`` is the CIFAR VGG-16 without BatchNorm (torchvision naming; the
 # vgg module's docstring explains the choice).
 SEED_MODELS: tuple[str, ...] = ("lenet5", "alexnet", "vgg16", "resnet18", "mobilenet_v2")
-
-# Every module that defines builders; tests check that the registry is exactly their public functions.
-FAMILY_MODULES = (lenet, alexnet, vgg, resnet, mobilenet)

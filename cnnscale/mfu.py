@@ -1,0 +1,118 @@
+"""Model FLOPs utilisation: FLOPs per training image, achieved TFLOP/s, and the device's peak to compare with.
+
+Peaks are dense (no 2:4 sparsity) tensor-core figures from the vendors' data sheets, per GPU, keyed by a pattern on
+the device name and the compute dtype. fp32 training on Ampere and newer runs its matmuls and convolutions in TF32
+when ``fast.tf32`` is on, so it is compared with the TF32 peak. An unknown GPU, or a dtype the GPU has no peak for
+(bf16 on V100), gives ``None``: MFU is then "n/a", never a guess.
+
+On CPU there is no honest table, so the peak is measured at start-up with a short matmul benchmark (best of a few
+square matmuls, at the thread count in use) and labelled ``measured:cpu matmul <dtype>``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from typing import Any
+
+import torch
+
+__all__ = ["PEAK_TFLOPS", "lookup_peak", "compute_dtype", "measure_cpu_peak", "resolve_peak", "train_flops_per_image",
+           "mfu"]
+
+# (pattern on the device name, label) -> {dtype: dense TFLOP/s}. First match wins, so specific names come first.
+PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
+    (r"H100.*NVL", "H100 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 418.0, "fp32": 60.0}),
+    (r"H100.*PCIe", "H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
+    (r"H100", "H100 SXM", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}),
+    (r"H200.*NVL", "H200 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 418.0, "fp32": 60.0}),
+    (r"H200", "H200", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}),
+    (r"A100", "A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    (r"V100.*PCI", "V100 PCIe", {"fp16": 112.0, "fp32": 14.0}),
+    (r"V100", "V100 SXM", {"fp16": 125.0, "fp32": 15.7}),
+    (r"L40S", "L40S", {"bf16": 362.0, "fp16": 362.0, "tf32": 183.0, "fp32": 91.6}),
+    (r"\bL4\b", "L4", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
+    (r"\bA10\b", "A10", {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2}),
+    (r"RTX 4090", "RTX 4090", {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6}),
+    (r"RTX A6000", "RTX A6000", {"bf16": 154.8, "fp16": 154.8, "tf32": 77.4, "fp32": 38.7}),
+    (r"\bT4\b", "T4", {"fp16": 65.0, "fp32": 8.1}),
+]
+
+
+def lookup_peak(device_name: str, dtype: str) -> tuple[float | None, str | None]:
+    """Peak TFLOP/s and its label ("table:H100 SXM bf16") for a GPU name; (None, None) when unknown."""
+    for pattern, label, peaks in PEAK_TFLOPS:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            peak = peaks.get(dtype)
+            return (peak, f"table:{label} {dtype}") if peak is not None else (None, None)
+    return None, None
+
+
+def compute_dtype(mixed_precision: str, device_type: str, tf32: bool) -> str:
+    """The dtype the matmuls run in: bf16/fp16 under autocast, TF32 for fp32 on a GPU that allows it, else fp32."""
+    if mixed_precision in ("bf16", "fp16"):
+        return mixed_precision
+    return "tf32" if device_type == "cuda" and tf32 else "fp32"
+
+
+@functools.lru_cache(maxsize=8)
+def _cpu_matmul_tflops(dtype: str, threads: int, size: int, seconds: float) -> float:
+    tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    a = torch.full((size, size), 0.5, dtype=tdtype)  # no RNG: profiling must not change the training stream
+    b = torch.full((size, size), 0.25, dtype=tdtype)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while True:
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+        if time.perf_counter() > deadline:
+            break
+    return 2 * size**3 / best / 1e12
+
+
+def measure_cpu_peak(dtype: str = "fp32", size: int = 1024, seconds: float = 0.3) -> float:
+    """Best-case TFLOP/s of a ``size``-square matmul in this process at its current thread count (cached)."""
+    return _cpu_matmul_tflops(dtype if dtype in ("fp32", "bf16", "fp16") else "fp32", torch.get_num_threads(), size,
+                              seconds)
+
+
+def resolve_peak(device: torch.device, mixed_precision: str, tf32: bool = True,
+                 override: float = 0.0) -> tuple[float | None, str | None]:
+    """(peak TFLOP/s per device, source label) for MFU: a config override, the GPU table, or a CPU measurement."""
+    dtype = compute_dtype(mixed_precision, device.type, tf32)
+    if override > 0:
+        return override, f"config:{dtype}"
+    if device.type == "cuda":
+        return lookup_peak(torch.cuda.get_device_name(device), dtype)
+    if device.type == "cpu":
+        return measure_cpu_peak(dtype), f"measured:cpu matmul {dtype}"
+    return None, None
+
+
+@functools.lru_cache(maxsize=32)
+def _flops(name: str, num_classes: int, width_mult: float | None, shape: tuple[int, ...]) -> float:
+    from cnnscale.flops import count_flops
+    from cnnscale.models import create_model
+
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # model init must not consume the training RNG
+        model = create_model(name, num_classes=num_classes, width_mult=width_mult)
+    return count_flops(model, input_shape=shape, backward=True)["fwd_bwd_flops"]
+
+
+def train_flops_per_image(name: str, num_classes: int = 10, width_mult: float | None = None,
+                          image_shape: tuple[int, int, int] = (3, 32, 32)) -> float:
+    """Forward+backward FLOPs of one training image, counted by FlopCounterMode on a meta-device copy (cached)."""
+    return _flops(name, num_classes, width_mult, (1, *image_shape))
+
+
+def mfu(flops_per_image: float | None, img_per_s_per_device: float | None,
+        peak_tflops: float | None) -> dict[str, Any]:
+    """``gflops_per_img``, ``achieved_tflops`` (per device) and ``mfu``; None wherever an input is missing."""
+    gflops = flops_per_image / 1e9 if flops_per_image is not None else None
+    achieved = (flops_per_image * img_per_s_per_device / 1e12
+                if flops_per_image is not None and img_per_s_per_device is not None else None)
+    ratio = achieved / peak_tflops if achieved is not None and peak_tflops else None
+    return {"gflops_per_img": gflops, "achieved_tflops": achieved, "mfu": ratio}

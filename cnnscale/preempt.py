@@ -1,0 +1,139 @@
+"""Preemption: stop at an optimiser-step boundary with a checkpoint when SIGUSR1, SIGTERM or SIGINT arrives.
+
+A signal handler only sets a flag. At each optimiser-step boundary the ranks agree whether any of them was signalled
+(a MAX all-reduce of one integer, see :meth:`SignalGuard.requested`); if so every rank saves the checkpoint together,
+rank 0 writes ``summary.json`` with status ``preempted``, and the process exits with :data:`EXIT_PREEMPTED`
+(SIGUSR1, SIGTERM) or :data:`EXIT_INTERRUPTED` (SIGINT: Ctrl-C). ``--resume RUN_DIR`` carries on from that step.
+
+Why the ranks must agree: SLURM may signal one node before another, and a rank that stopped alone would leave the
+others blocked in the next gradient all-reduce. The vote is a blocking all-reduce of a one-element *CPU* tensor on
+a gloo group (the default group on CPU, a side group next to NCCL on GPUs), so it never adds a GPU sync point.
+
+Under SLURM, ``slurm/train.sbatch`` forwards the batch shell's SIGUSR1 (``#SBATCH --signal=B:USR1@120``) to the
+step; ``accelerate launch`` ignores it (``trap '' USR1`` before ``exec``), the training processes catch it. Under a
+plain ``accelerate launch`` the launcher forwards SIGINT/SIGTERM to the workers and waits 30 s for them, enough to
+save a checkpoint. Repeated signals are ignored (the launcher re-sends the one it got); use SIGQUIT or SIGKILL to
+abort without a checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any
+
+from cnnscale import records
+
+__all__ = ["SignalGuard", "stop_run", "exit_code", "install_early", "EXIT_PREEMPTED", "EXIT_INTERRUPTED",
+           "HANDLED_SIGNALS"]
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", which is what a requeue does
+EXIT_INTERRUPTED = 130  # the shell convention for SIGINT
+HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+_early: dict[str, int] = {}  # signal number caught by install_early() before the guard existed
+
+
+def _early_handler(signum: int, frame: Any) -> None:
+    _early.setdefault("signum", signum)
+
+
+def install_early() -> None:
+    """Catch SIGUSR1 from process start, so a preemption notice that arrives while torch is still importing is kept
+    (its default action would kill the process without a checkpoint). SIGTERM/SIGINT keep their defaults until the
+    training loop starts, so a run stuck in start-up can still be stopped."""
+    signal.signal(signal.SIGUSR1, _early_handler)
+
+
+class SignalGuard:
+    """Context manager: install flag-setting handlers on enter, restore the previous ones on exit.
+
+    ``requested(step)`` is called by every rank at every optimiser-step boundary; it returns the same answer on all
+    ranks. ``every`` > 1 votes only every that many steps (a preemption then waits up to ``every`` steps).
+    """
+
+    def __init__(self, accelerator: Any = None, every: int = 1, signals: tuple[int, ...] = HANDLED_SIGNALS) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.every = every
+        self.signals = signals
+        self.signum: int | None = _early.pop("signum", None)
+        self._previous: dict[int, Any] = {}
+        self._group: Any = None
+        self._buf: Any = None
+        self._world = getattr(accelerator, "num_processes", 1) if accelerator is not None else 1
+
+    # ------------------------------------------------------------------------------------------ handlers
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.signum is None:  # the first signal decides the exit code; repeats are ignored
+            self.signum = signum
+
+    def __enter__(self) -> SignalGuard:
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        if self._world > 1:
+            self._setup_vote()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _setup_vote(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        # A CPU tensor on a gloo group: no CUDA sync. new_group is collective, so every rank creates it here.
+        self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self._buf = torch.zeros(1, dtype=torch.int32)
+
+    # ------------------------------------------------------------------------------------------ the vote
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum else None
+
+    def requested(self, step: int) -> bool:
+        """True on every rank when any rank has been signalled (checked every ``every`` steps)."""
+        if step % self.every:
+            return False
+        if self._world == 1:
+            return self.signum is not None
+        import torch.distributed as dist
+
+        self._buf.fill_(self.signum or 0)
+        dist.all_reduce(self._buf, op=dist.ReduceOp.MAX, group=self._group)  # note: blocking, ~0.1 ms on gloo
+        agreed = int(self._buf.item())
+        if agreed and self.signum is None:
+            self.signum = agreed
+        return bool(agreed)
+
+
+def stop_run(trainer: Any, guard: SignalGuard) -> dict[str, Any]:
+    """Checkpoint (all ranks), write ``summary.json`` with status ``preempted`` (rank 0), and return that summary."""
+    acc, st = trainer.acc, trainer.state
+    trainer.prof.stop()
+    trainer._save()  # collective: every rank saves its part, rank 0 publishes the directory atomically
+    summary = {"status": "preempted", "signal": guard.name, "model": trainer.cfg.model.name,
+               "world_size": trainer.world, "steps": st.step, "epochs_done": st.epoch,
+               "total_steps": trainer.total_steps, "wall_s": time.time() - trainer.t_start,
+               "resume": f"--resume {trainer.run_dir}"}
+    if acc.is_main_process:
+        records.write_json(trainer.run_dir / records.SUMMARY, summary)
+        trainer.metrics.close()
+        print(f"preempted by {guard.name} at step {st.step}/{trainer.total_steps}: checkpoint saved in "
+              f"{trainer.run_dir}/checkpoints (resume with --resume {trainer.run_dir})", flush=True)
+    acc.wait_for_everyone()  # the summary exists before any rank exits (srun --kill-on-bad-exit ends the rest)
+    return summary
+
+
+def exit_code(summary: dict[str, Any]) -> int:
+    """0 for a finished run, 130 after Ctrl-C, 75 after SIGUSR1/SIGTERM (requeue me), 1 otherwise."""
+    status = summary.get("status")
+    if status == "ok":
+        return 0
+    if status == "preempted":
+        return EXIT_INTERRUPTED if summary.get("signal") == "SIGINT" else EXIT_PREEMPTED
+    return 1

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""A bare PyTorch DDP training loop (no Accelerate, no cnnscale loop): the efficiency baseline cnnscale is held to.
+
+Same model, synthetic batch, SGD and cross-entropy as a cnnscale run; one fixed in-memory batch per process, so there
+is no data loading at all. Run it like launch/train.py (plain python for 1 process, accelerate launch or torchrun for
+several); a study runs it as a settings variant with ``script: launch/bench_ddp_bare.py``. It writes a run directory
+(config.yaml, env.json, summary.json) in the same schema, so ``cnnscale report`` shows it beside cnnscale's points.
+
+Flags it uses: --model, --micro-batch, --max-steps, --out, --seed, --grad-accum (no_sync on the others),
+--dist.bucket_mb, --dist.comm_hook; every other ``--section.field value`` is accepted and ignored (listed in
+summary.json under "ignored_args").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+
+def _args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description="bare PyTorch DDP loop (efficiency baseline)")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--micro-batch", type=int, default=64)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=20)
+    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps at the start")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dist.bucket_mb", dest="bucket_mb", type=int, default=25)
+    p.add_argument("--dist.comm_hook", dest="comm_hook", default="none", choices=("none", "fp16", "bf16"))
+    return p.parse_known_args(argv)
+
+
+def _ddp(model, torch, args):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(model, bucket_cap_mb=args.bucket_mb)
+    if args.comm_hook != "none":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        hook = default_hooks.fp16_compress_hook if args.comm_hook == "fp16" else default_hooks.bf16_compress_hook
+        ddp.register_comm_hook(None, hook)
+    return ddp
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, ignored = _args(argv)
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from cnnscale.models import create_model
+    from cnnscale.records import write_json, write_yaml
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    torch.manual_seed(args.seed)
+    model = create_model(args.model)
+    model = _ddp(model, torch, args) if world > 1 else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(args.micro_batch, 3, 32, 32)
+    y = torch.randint(0, 10, (args.micro_batch,))
+    step_times: list[float] = []
+    t_timed = 0.0
+    for step in range(args.warmup_steps + args.max_steps):
+        t0 = time.perf_counter()
+        for micro in range(args.grad_accum):
+            last = micro == args.grad_accum - 1
+            ctx = model.no_sync() if world > 1 and not last else contextlib.nullcontext()
+            with ctx:
+                F.cross_entropy(model(x), y).div(args.grad_accum).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step == args.warmup_steps:
+            t_timed = t0
+        if step >= args.warmup_steps:
+            step_times.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - t_timed
+    if rank == 0:
+        out = Path(args.out)
+        gb = args.micro_batch * args.grad_accum * world
+        write_yaml(out / "config.yaml", {"model": {"name": args.model}, "train": {
+            "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "max_steps": args.max_steps},
+            "dist": {"bucket_mb": args.bucket_mb, "comm_hook": args.comm_hook}, "runner": "bench_ddp_bare"})
+        write_json(out / "env.json", {"world_size": world, "num_nodes": 1, "hostnames": [socket.gethostname()],
+                                      "device_type": "cpu", "device_name": platform.machine(),
+                                      "torch_threads": torch.get_num_threads(), "backend": "gloo" if world > 1 else None,
+                                      "runner": "bench_ddp_bare"})
+        write_json(out / "summary.json", {
+            "status": "ok", "model": args.model, "world_size": world, "micro_batch": args.micro_batch,
+            "grad_accum": args.grad_accum, "global_batch": gb, "mixed_precision": "no", "steps": args.max_steps,
+            "wall_s": wall, "img_per_s": gb * args.max_steps / wall, "compute_img_per_s": gb * args.max_steps / wall,
+            "step_ms_p50": statistics.median(step_times) * 1000, "runner": "bench_ddp_bare",
+            "ignored_args": ignored})
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
