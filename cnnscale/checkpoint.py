@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from cnnscale.errors import UserError
+from cnnscale.errors import UserError, write_error
 from cnnscale.records import atomic_write_text
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "TRAINER_STATE"]
@@ -37,15 +38,24 @@ def save_checkpoint(accelerator: Any, run_dir: str | Path, state: dict[str, Any]
     ckdir = Path(run_dir) / "checkpoints"
     name = f"step_{int(state['step']):08d}"
     final, tmp = ckdir / name, ckdir / f".tmp-{name}"
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write_text(tmp / TRAINER_STATE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+            _fsync_dir(tmp)
+    except Exception as exc:  # disk full mid-save: drop the partial copy, keep the last complete checkpoint
+        user = write_error(exc, tmp, f"checkpoint {name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
+        if user is None:
+            raise
+        last = latest_checkpoint(run_dir)
+        raise UserError(f"{user}; last complete checkpoint: {last or 'none'}") from exc
     if accelerator.is_main_process:
-        atomic_write_text(tmp / TRAINER_STATE, json.dumps(state, indent=2, sort_keys=True) + "\n")
-        _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -54,6 +64,27 @@ def save_checkpoint(accelerator: Any, run_dir: str | Path, state: dict[str, Any]
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _check_pickles(ck: Path, rank: int) -> None:
+    """Open the pickles Accelerate would load unsafely or silently with ``weights_only=True`` first.
+
+    Accelerate loads ``custom_checkpoint_*.pkl`` (our LR scheduler) with ``weights_only=False``, and it swallows any
+    error reading ``random_states_<rank>.pkl`` (a truncated file would resume with fresh RNG, no longer exact). Both
+    hold only tensors, numbers and numpy RNG state, which ``accelerate.utils.load`` admits under ``weights_only``;
+    anything else (a foreign pickle, a torn file) stops the resume here.
+    """
+    from accelerate.utils import load
+
+    for f in [*sorted(ck.glob("custom_checkpoint_*.pkl")), ck / f"random_states_{rank}.pkl"]:
+        if not f.is_file():
+            raise ValueError(f"{f.name} is missing (saved by fewer processes?)")
+        try:
+            load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if ln.strip()]
+            why = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else type(exc).__name__)
+            raise ValueError(f"{f.name} does not load with weights_only=True: {why.strip()}") from None
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -73,6 +104,7 @@ def load_checkpoint(accelerator: Any, run_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
     try:
         state = json.loads((ck / TRAINER_STATE).read_text())
+        _check_pickles(ck, accelerator.process_index)
         accelerator.load_state(str(ck))
     except Exception as exc:  # torn or foreign files: say which checkpoint, not a traceback
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -168,7 +168,9 @@ class TrainConfig:
     log_every: int = 20
     """Optimiser steps between metric records (the only place .item() is called)."""
     eval_every_epoch: bool = True
-    """Evaluate on validation (and test at the end) each epoch."""
+    """Evaluate on the validation split at the end of each epoch."""
+    final_eval: bool = True
+    """Evaluate validation and test at the end of the run (throughput studies turn it off)."""
     ckpt_every: int = 0
     """Optimiser steps between checkpoints (0: only at the end)."""
     keep_ckpts: int = 2
@@ -395,7 +397,8 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, dict[str, Any]]]:
             valid = ", ".join([*SHORT_FLAGS, "--config", "--section.field"])
             raise UserError(f"unknown option {key} (valid: {valid})")
         sec, _, fld = dotted.partition(".")
-        parsed = value if dotted in ("train.out", "train.resume", "data.data_dir", "model.name") else _parse_scalar(value)
+        raw_str = ("train.out", "train.resume", "data.data_dir", "model.name", "train.mixed_precision")  # "no" != False
+        parsed = value if dotted in raw_str else _parse_scalar(value)
         overrides.setdefault(sec, {})[fld] = parsed
     return config_path, overrides
 

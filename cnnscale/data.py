@@ -71,6 +71,28 @@ class _TensorImages(Dataset):
         return (self.arr.x[i].float() / 255 - self.mean) / self.std, int(self.arr.y[i])
 
 
+class _EpochSeeded(Dataset):
+    """Augmentation seeded by (run seed, epoch, sample index) instead of a process's RNG stream, so a sample gets the
+    same crop and flip whatever the worker count, and a resumed run (``skip_first_batches``) repeats the uninterrupted
+    one exactly. The epoch sits in shared memory, so persistent DataLoader workers see ``set_epoch`` (Accelerate's
+    ``DataLoaderShard.set_epoch`` forwards it here)."""
+
+    def __init__(self, ds: Dataset, seed: int) -> None:
+        self.ds, self.seed = ds, seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG stream untouched (num_workers=0)
+            torch.manual_seed(hash((self.seed, int(self._epoch), int(i))) & 0x7FFF_FFFF_FFFF_FFFF)
+            return self.ds[i]
+
+
 @dataclass
 class Splits:
     train: Dataset
@@ -193,7 +215,10 @@ def build_datasets(cfg: DataConfig, seed: int) -> Splits:
         train, val = Subset(full, tr_idx.tolist()), Subset(full_eval, va_idx.tolist())
     else:
         train, val = full, None
-    return Splits(_limit(train, cfg.limit_train), val, _limit(test, cfg.limit_test), classes)
+    train = _limit(train, cfg.limit_train)
+    if cfg.augment and cfg.name != "synthetic":
+        train = _EpochSeeded(train, seed)
+    return Splits(train, val, _limit(test, cfg.limit_test), classes)
 
 
 def build_loaders(cfg: DataConfig, tcfg: TrainConfig, splits: Splits, world_size: int,

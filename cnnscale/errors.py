@@ -6,12 +6,15 @@ bad input (unknown names, bad values, missing files); anything else is a bug and
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-__all__ = ["UserError", "run_cli", "choices_error", "EXIT_USAGE"]
+__all__ = ["UserError", "run_cli", "choices_error", "EXIT_USAGE", "write_error"]
 
 EXIT_USAGE = 2
 
@@ -23,6 +26,32 @@ class UserError(Exception):
 def choices_error(kind: str, value: object, choices: Sequence[str]) -> UserError:
     """``unknown model 'foo' (choose from: a, b, c)``."""
     return UserError(f"unknown {kind} {value!r} (choose from: {', '.join(sorted(choices))})")
+
+
+_WRITE_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+                 errno.EACCES: "permission denied", errno.EPERM: "not permitted", errno.ENOTDIR: "not a directory"}
+
+
+def write_error(exc: BaseException, path: str | os.PathLike[str], what: str) -> UserError | None:
+    """A one-line :class:`UserError` when ``exc`` means the output could not be written (disk full, quota, read-only,
+    permissions), else None. Serialisers hide the errno: safetensors says "os error 28", and ``torch.save`` only says
+    "unexpected pos", so a filesystem with under 1 MiB free also counts as full."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    text = str(exc)
+    if code is None and ("os error 28" in text or "No space left" in text):
+        code = errno.ENOSPC
+    if code is None and "os error 122" in text:
+        code = errno.EDQUOT
+    if code is None:
+        try:
+            existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+            if shutil.disk_usage(existing).free < 1 << 20:
+                code = errno.ENOSPC
+        except (OSError, StopIteration):
+            pass
+    if code not in _WRITE_ERRNOS:
+        return None
+    return UserError(f"{_WRITE_ERRNOS[code]}: could not write {what} ({path}): {os.strerror(code)}")
 
 
 def _debug_requested(argv: Sequence[str]) -> bool:

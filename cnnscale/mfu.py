@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 __all__ = ["PEAK_TFLOPS", "lookup_peak", "compute_dtype", "measure_cpu_peak", "resolve_peak", "train_flops_per_image",
-           "mfu"]
+           "mfu", "mfu_setup"]
 
 # (pattern on the device name, label) -> {dtype: dense TFLOP/s}. First match wins, so specific names come first.
 PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
@@ -116,3 +116,18 @@ def mfu(flops_per_image: float | None, img_per_s_per_device: float | None,
                 if flops_per_image is not None and img_per_s_per_device is not None else None)
     ratio = achieved / peak_tflops if achieved is not None and peak_tflops else None
     return {"gflops_per_img": gflops, "achieved_tflops": achieved, "mfu": ratio}
+
+
+def mfu_setup(device: torch.device, cfg: Any) -> dict[str, Any]:
+    """FLOPs per training image and the peak to compare with, for a run config; a counting failure is recorded
+    (``flops_error``), not raised: MFU is then n/a and training goes on."""
+    out: dict[str, Any] = {"flops_per_img": None, "peak_tflops": None, "peak_source": None}
+    if cfg is None:
+        return out
+    try:
+        out["flops_per_img"] = train_flops_per_image(cfg.model.name, cfg.model.num_classes, cfg.model.width_mult)
+    except Exception as exc:  # an exotic model the counter cannot trace
+        out["flops_error"] = f"{type(exc).__name__}: {exc}"
+    out["peak_tflops"], out["peak_source"] = resolve_peak(device, cfg.train.mixed_precision, cfg.fast.tf32,
+                                                          cfg.profile.peak_tflops)
+    return out

@@ -110,6 +110,15 @@ class NvmlSampler:
         handles, status = nvml_handles(device_indices)
         return cls(handles, hz, status=status)
 
+    @classmethod
+    def for_device(cls, device: Any, hz: float = 10.0) -> NvmlSampler:
+        """A sampler of a torch device: its GPU, or an empty one ("n/a") for anything else."""
+        if device.type != "cuda":
+            return cls([], hz, status="n/a: no CUDA device")
+        import torch
+
+        return cls.for_devices([device.index if device.index is not None else torch.cuda.current_device()], hz)
+
     @property
     def available(self) -> bool:
         return bool(self.handles)

@@ -11,6 +11,8 @@ The loop always calls the same methods (``start``, ``iter_data``, ``phase``, ``s
   steps after (auto: 25) the profiler re-runs the step's last micro-batch forward+backward under
   ``accelerator.no_sync`` and compares it with the synced forward+backward just timed. The probe restores gradients,
   buffers and RNG state, so training is unchanged, and its time is excluded from every figure. World size 1: 0 s.
+- ``profile.trace_steps`` N > 0: a torch.profiler trace of the first N steps through ``accelerator.profile()``,
+  written to ``RUN/trace/`` (those steps run slower under the tracer).
 - Memory: allocator peaks (``max_memory_allocated/reserved``) and NVML's used memory (which also sees NCCL's
   buffers) on GPU; peak RSS and process CPU % always. GPU figures are ``None`` without a GPU.
 """
@@ -21,10 +23,14 @@ import contextlib
 import resource
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from statistics import median
 from typing import Any
 
 import torch
+
+from cnnscale.mfu import mfu_setup
+from cnnscale.nvml import NvmlSampler
 
 __all__ = ["Profiler", "NullProfiler", "build_profiler", "percentile", "StepClock", "SYNC_PROBE_EVERY"]
 
@@ -116,7 +122,8 @@ class Profiler(NullProfiler):
     tested alone with a fake clock; without them there is no sync probe, FLOP count or peak."""
 
     def __init__(self, device: torch.device, world_size: int = 1, clock: Any = time.perf_counter,
-                 accelerator: Any = None, model: Any = None, cfg: Any = None, sampler: Any = None) -> None:
+                 accelerator: Any = None, model: Any = None, cfg: Any = None, sampler: Any = None,
+                 run_dir: Any = None) -> None:
         super().__init__(clock)
         self.device, self.world_size, self.acc, self.model, self.cfg = device, world_size, accelerator, model, cfg
         self.sclock = StepClock(device, clock)
@@ -135,8 +142,11 @@ class Profiler(NullProfiler):
         self.unsynced_s: list[float] = []
         pcfg = getattr(cfg, "profile", None)
         self.probe_every = (pcfg.sync_probe_every or SYNC_PROBE_EVERY) if pcfg is not None else SYNC_PROBE_EVERY
-        self.sampler = sampler if sampler is not None else _make_sampler(device, pcfg)
+        self.sampler = sampler if sampler is not None else NvmlSampler.for_device(device, getattr(pcfg, "nvml_hz", 10))
         self._setup: dict[str, Any] | None = None
+        self.trace_steps = pcfg.trace_steps if pcfg is not None and accelerator is not None and run_dir else 0
+        self.trace_dir = Path(run_dir) / "trace" if run_dir else None
+        self._trace = contextlib.ExitStack()
         self._proc: Any = None
         self.cpu_percent: float | None = None
 
@@ -144,7 +154,7 @@ class Profiler(NullProfiler):
     def env(self) -> dict[str, Any]:
         """Start-up measurements (FLOPs per image, peak TFLOP/s), also written to env.json."""
         if self._setup is None:
-            self._setup = _setup_mfu(self.device, self.cfg)
+            self._setup = mfu_setup(self.device, self.cfg)
             self._setup.update({"profiling": True, "nvml": self.sampler.status, "sync_probe_every": self.probe_every,
                                 "sync_measured": self._can_probe() or self.world_size == 1})
         return dict(self._setup)
@@ -155,9 +165,12 @@ class Profiler(NullProfiler):
         self.env()
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)
+        _reset_peak_rss()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.sampler.start()
+        if self.trace_steps:
+            self._start_trace()
         self.t0 = self._window_t0 = self.sclock.now()
         self._last_mark = self.marks.mark()
 
@@ -195,6 +208,24 @@ class Profiler(NullProfiler):
         self._last_mark = mark
         if self._can_probe() and self.steps >= 2 and (self.steps - 2) % self.probe_every == 0:
             self._probe_sync()
+        if self.steps == self.trace_steps:
+            self._end_trace()
+
+    def _start_trace(self) -> None:
+        from accelerate.utils import ProfileKwargs
+
+        activities = ["cpu", "cuda"] if self.marks.cuda else ["cpu"]
+        self._trace.enter_context(self.acc.profile(ProfileKwargs(activities=activities, record_shapes=True,
+                                                                 output_trace_dir=str(self.trace_dir))))
+
+    def _end_trace(self) -> None:
+        """Write the trace (one Chrome-trace JSON per rank under RUN/trace/); the writing time is excluded."""
+        t0 = self.sclock.now()
+        self._trace.close()
+        spent = self.sclock.now() - t0
+        self.excluded_s += spent
+        self._window_excluded += spent
+        self._last_mark = self.marks.mark()
 
     def _flush(self) -> None:
         """Read every pending span (on GPU, after one synchronise)."""
@@ -246,8 +277,10 @@ class Profiler(NullProfiler):
     def stop(self) -> None:
         self._flush()
         self.t_end = self.sclock.now()
+        self._trace.close()  # a run shorter than trace_steps: write what there is
         self.sampler.stop()
         self.cpu_percent = self._proc.cpu_percent(None) if self._proc is not None else None
+        self.peak_rss = _peak_rss_bytes()  # the training loop's peak: before the final checkpoint and evaluation
 
     def summary(self) -> dict[str, Any]:
         self._flush()
@@ -285,13 +318,14 @@ class Profiler(NullProfiler):
         """Peak RSS and memory peaks as the max over ranks (one small gather, at the end only)."""
         keys = ("gpu_util_pct_peak", "gpu_mem_used_bytes_peak", "max_memory_allocated_bytes",
                 "max_memory_reserved_bytes")
-        mine = {"peak_rss_bytes": _peak_rss_bytes(), **{k: s.get(k) for k in keys}}
+        mine = {"peak_rss_bytes": getattr(self, "peak_rss", None) or _peak_rss_bytes(), **{k: s.get(k) for k in keys}}
         if self.world_size == 1 or self.acc is None:
-            return mine
+            return {**mine, "rank_peak_rss_bytes": [mine["peak_rss_bytes"]]}
         from accelerate.utils import gather_object
 
         everyone = gather_object([mine])
-        return {k: max((d[k] for d in everyone if d[k] is not None), default=None) for k in mine}
+        out = {k: max((d[k] for d in everyone if d[k] is not None), default=None) for k in mine}
+        return {**out, "rank_peak_rss_bytes": [d["peak_rss_bytes"] for d in everyone]}  # per rank, rank order
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -332,31 +366,6 @@ def _nosync_fwd_bwd(acc: Any, model: Any, batch: Any, cfg: Any, sclock: StepCloc
                 b.copy_(saved)
 
 
-def _make_sampler(device: torch.device, pcfg: Any) -> Any:
-    from cnnscale.nvml import NvmlSampler
-
-    hz = pcfg.nvml_hz if pcfg is not None else 10.0
-    if device.type != "cuda":
-        return NvmlSampler([], hz, status="n/a: no CUDA device")
-    return NvmlSampler.for_devices([device.index if device.index is not None else torch.cuda.current_device()], hz)
-
-
-def _setup_mfu(device: torch.device, cfg: Any) -> dict[str, Any]:
-    """FLOPs per training image and the peak to compare with; a failure is recorded, not raised."""
-    from cnnscale.mfu import resolve_peak, train_flops_per_image
-
-    out: dict[str, Any] = {"flops_per_img": None, "peak_tflops": None, "peak_source": None}
-    if cfg is None:
-        return out
-    try:
-        out["flops_per_img"] = train_flops_per_image(cfg.model.name, cfg.model.num_classes, cfg.model.width_mult)
-    except Exception as exc:  # an exotic model the counter cannot trace: MFU is n/a, training goes on
-        out["flops_error"] = f"{type(exc).__name__}: {exc}"
-    out["peak_tflops"], out["peak_source"] = resolve_peak(device, cfg.train.mixed_precision, cfg.fast.tf32,
-                                                          cfg.profile.peak_tflops)
-    return out
-
-
 def _allocator_peaks(device: torch.device) -> dict[str, Any]:
     if device.type != "cuda":
         return {"max_memory_allocated_bytes": None, "max_memory_reserved_bytes": None}
@@ -370,14 +379,26 @@ def _rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def _reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS counter (Linux >= 4.0), so a second run in one process (bench) gets its own."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
 def _peak_rss_bytes() -> int:
-    """Lifetime peak resident set of this process (Linux reports KiB)."""
-    return max(int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, _rss_bytes())
+    """Peak resident set since the last reset (VmHWM), else the process's lifetime peak."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return max(int(line.split()[1]) * 1024, _rss_bytes())
+    return max(int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, _rss_bytes())  # Linux: KiB
 
 
 def build_profiler(enabled: bool, device: torch.device, world_size: int = 1, accelerator: Any = None,
-                   model: Any = None, cfg: Any = None, **_: Any) -> NullProfiler:
+                   model: Any = None, cfg: Any = None, run_dir: Any = None, **_: Any) -> NullProfiler:
     """The measuring :class:`Profiler` when ``enabled``, else the no-op :class:`NullProfiler`."""
     if not enabled:
         return NullProfiler()
-    return Profiler(device, world_size, accelerator=accelerator, model=model, cfg=cfg)
+    return Profiler(device, world_size, accelerator=accelerator, model=model, cfg=cfg, run_dir=run_dir)

@@ -23,14 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnscale import checkpoint, ds_config, preempt, records
+from cnnscale import checkpoint, ds_config, preempt, records, zero_memory
 from cnnscale.config import Config, config_to_dict, global_batch, load_config
-from cnnscale.errors import UserError
-from cnnscale.progress import make_progress
+from cnnscale.errors import UserError, write_error
 from cnnscale.profiling import build_profiler
+from cnnscale.progress import make_progress
 from cnnscale.schedule import build_optimizer, build_scheduler
 
-__all__ = ["Task", "ClassificationTask", "Trainer", "build_accelerator", "run", "main", "train_step", "evaluate"]
+__all__ = ["Task", "ClassificationTask", "Trainer", "build_accelerator", "run", "main", "train_step", "evaluate",
+           "prepare_inputs"]
 
 
 class ClassificationTask:
@@ -82,6 +83,14 @@ def _apply_fast_path(cfg: Config, device: torch.device) -> dict[str, Any]:
     return {"fast_path": dataclasses.asdict(cfg.fast), "loader": cfg.data.loader}
 
 
+def prepare_inputs(images: torch.Tensor, channels_last: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """channels_last when the fast path asks for it; the model's dtype when DeepSpeed runs the whole model in bf16/fp16
+    (autocast is off under DeepSpeed, so float32 inputs would meet bf16 weights)."""
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images if dtype is None else images.to(dtype)
+
+
 def train_step(accelerator: Any, model: nn.Module, task: ClassificationTask, optimizer: Any, images: torch.Tensor,
                labels: torch.Tensor, clip_grad: float, prof: Any) -> torch.Tensor:
     """One micro-step under ``accelerator.accumulate``. Returns the detached loss; no ``.item()`` here."""
@@ -105,9 +114,9 @@ def evaluate(accelerator: Any, model: nn.Module, loader: Any, channels_last: boo
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     correct = torch.zeros((), device=accelerator.device, dtype=torch.int64)
     n = 0
+    dtype = ds_config.input_dtype(accelerator)
     for images, labels in loader:
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = prepare_inputs(images, channels_last, dtype)
         with accelerator.autocast():
             logits = model(images)
         logits, labels = accelerator.gather_for_metrics((logits.float(), labels))
@@ -139,18 +148,22 @@ def _resolve_out(cfg: Config, accelerator: Any) -> Path:
 
 
 def _check_writable(path: Path) -> None:
-    parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"output directory is not writable: {parent}")
+    """Fail before anything is written. Root passes every permission bit, but ``os.access`` still reports a read-only
+    mount or an immutable directory to root; a regular file in the way is checked by name."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise UserError(f"output directory {path} cannot be created: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output directory is not writable: {existing}")
 
 
 class Trainer:
     """Holds the prepared objects of one run. ``fit()`` trains and returns the summary dict."""
 
-    def __init__(self, cfg: Config, task: ClassificationTask | None = None) -> None:
-        from cnnscale.models import create_model
-
+    def __init__(self, cfg: Config, task: ClassificationTask | None = None, model: nn.Module | None = None) -> None:
+        """``model``: train this module instead of a fresh ``create_model`` (a pruned model keeps its masks)."""
         from cnnscale import data
+        from cnnscale.models import create_model
 
         self.cfg = cfg
         self.t_start = time.time()
@@ -164,22 +177,28 @@ class Trainer:
         self.run_dir = _resolve_out(cfg, acc)
         if acc.is_main_process:
             _check_writable(self.run_dir)
-        model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, width_mult=cfg.model.width_mult)
+        if model is None:
+            model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, width_mult=cfg.model.width_mult)
         if cfg.fast.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.fast_env = _apply_fast_path(cfg, acc.device)
         optimizer = build_optimizer(cfg.optim, model)
+        self.param_counts = zero_memory.param_counts(model)  # before prepare: ZeRO-3 partitions params in place
         self.model, self.optimizer = acc.prepare(model, optimizer)
         if cfg.fast.compile:
             self.model = torch.compile(self.model, mode=cfg.fast.compile_mode)
         self.task.prepare(acc)
         self.steps_per_epoch = max(math.ceil(len(self.train_dl) / cfg.train.grad_accum), 1)
         self.total_steps = self._total_steps()
-        self.scheduler = build_scheduler(cfg.sched, self.optimizer.optimizer, self.steps_per_epoch, self.total_steps)
+        # The client optimizer: DeepSpeed's ZeRO optimizer is no torch Optimizer but steps these same param_groups.
+        self.scheduler = build_scheduler(cfg.sched, optimizer, self.steps_per_epoch, self.total_steps)
+        self.in_dtype = ds_config.input_dtype(acc)
+        # DeepSpeed clips inside engine.step (the JSON's gradient_clipping, filled from train.clip_grad).
+        self.clip_grad = 0.0 if ds_config.use_deepspeed() else cfg.train.clip_grad
         acc.register_for_checkpointing(self.scheduler)
         self.state = _State()
         self.prof = build_profiler(cfg.profile.enabled, acc.device, self.world, accelerator=acc, model=self.model,
-                                   cfg=cfg)
+                                   cfg=cfg, run_dir=self.run_dir)
 
     def _total_steps(self) -> int:
         t = self.cfg.train
@@ -196,7 +215,10 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         records.write_yaml(self.run_dir / records.CONFIG, config_to_dict(self.cfg))
         extra = {**self.fast_env, "global_batch": global_batch(self.cfg, self.world),
-                 "zero_stage": _zero_stage(self.acc), **self.prof_env()}
+                 **ds_config.deepspeed_env(self.acc), **self.prof_env()}
+        extra.update(zero_memory.memory_env(self.param_counts, extra["zero_stage"], self.world, self.cfg.optim.name,
+                                            self.cfg.optim.momentum,
+                                            extra.get("mixed_precision", self.cfg.train.mixed_precision)))
         from cnnscale.envinfo import collect_env
 
         records.write_json(self.run_dir / records.ENV, collect_env(self.acc, hosts, extra))
@@ -236,14 +258,11 @@ class Trainer:
             self.train_dl.set_epoch(st.epoch)
             loader = self.train_dl
             if st.batches_in_epoch:
-                from accelerate import skip_first_batches
-
-                loader = skip_first_batches(self.train_dl, st.batches_in_epoch)
+                loader = _skip_batches(self.train_dl, st.batches_in_epoch)
             for images, labels in self.prof.iter_data(loader):
-                if cfg.fast.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
+                images = prepare_inputs(images, cfg.fast.channels_last, self.in_dtype)
                 loss_sum += train_step(acc, self.model, self.task, self.optimizer, images, labels,
-                                       cfg.train.clip_grad, self.prof)
+                                       self.clip_grad, self.prof)
                 loss_n += 1
                 st.batches_in_epoch += 1
                 if not acc.sync_gradients:
@@ -280,9 +299,10 @@ class Trainer:
         progress.close()
         self._save()
         final: dict[str, Any] = {"final_loss": last_loss}
-        test = self._eval("test")
-        final.update({"test_loss": test["loss"], "test_acc": test["acc"]})
-        if self.val_dl is not None:
+        if cfg.train.final_eval:
+            test = self._eval("test")
+            final.update({"test_loss": test["loss"], "test_acc": test["acc"]})
+        if self.val_dl is not None and (cfg.train.final_eval or last_eval_step == st.step):
             val = last_eval if last_eval_step == st.step else self._eval("val")
             final.update({"val_loss": val["loss"], "val_acc": val["acc"]})
         return self._finish(final)
@@ -319,9 +339,13 @@ class Trainer:
         return summary
 
 
-def _zero_stage(accelerator: Any) -> int | None:
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return getattr(plugin, "zero_stage", None) if plugin is not None else None
+def _skip_batches(loader: Any, n: int) -> Any:
+    """The rest of the epoch after ``n`` batches: the device loader's own ``skip``, or Accelerate's for a DataLoader."""
+    if hasattr(loader, "skip"):
+        return loader.skip(n)
+    from accelerate import skip_first_batches
+
+    return skip_first_batches(loader, n)
 
 
 def run(cfg: Config, task: ClassificationTask | None = None) -> dict[str, Any]:
@@ -329,6 +353,12 @@ def run(cfg: Config, task: ClassificationTask | None = None) -> dict[str, Any]:
     trainer = Trainer(cfg, task)
     try:
         return trainer.fit()
+    except OSError as exc:  # disk full / read-only while writing records: one line (the checkpoint says its own)
+        outside = exc.filename and not Path(os.path.abspath(exc.filename)).is_relative_to(trainer.run_dir.absolute())
+        user = None if outside else write_error(exc, trainer.run_dir, "the run directory")
+        if user is None:
+            raise
+        raise user from exc
     finally:
         trainer.acc.end_training()
 

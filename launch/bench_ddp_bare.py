@@ -40,7 +40,7 @@ def _args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_known_args(argv)
 
 
-def _ddp(model, torch, args):
+def _ddp(model, args):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ddp = DDP(model, bucket_cap_mb=args.bucket_mb)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = dist.get_rank() if world > 1 else 0
     torch.manual_seed(args.seed)
     model = create_model(args.model)
-    model = _ddp(model, torch, args) if world > 1 else model
+    model = _ddp(model, args) if world > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x = torch.randn(args.micro_batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.micro_batch,))
@@ -95,13 +95,14 @@ def main(argv: list[str] | None = None) -> int:
             "dist": {"bucket_mb": args.bucket_mb, "comm_hook": args.comm_hook}, "runner": "bench_ddp_bare"})
         write_json(out / "env.json", {"world_size": world, "num_nodes": 1, "hostnames": [socket.gethostname()],
                                       "device_type": "cpu", "device_name": platform.machine(),
-                                      "torch_threads": torch.get_num_threads(), "backend": "gloo" if world > 1 else None,
-                                      "runner": "bench_ddp_bare"})
+                                      "torch_threads": torch.get_num_threads(), "runner": "bench_ddp_bare",
+                                      "backend": "gloo" if world > 1 else None})
         write_json(out / "summary.json", {
             "status": "ok", "model": args.model, "world_size": world, "micro_batch": args.micro_batch,
             "grad_accum": args.grad_accum, "global_batch": gb, "mixed_precision": "no", "steps": args.max_steps,
             "wall_s": wall, "img_per_s": gb * args.max_steps / wall, "compute_img_per_s": gb * args.max_steps / wall,
             "step_ms_p50": statistics.median(step_times) * 1000, "runner": "bench_ddp_bare",
+            "params": sum(p.numel() for p in model.parameters()),
             "ignored_args": ignored})
     if world > 1:
         dist.barrier()

@@ -34,8 +34,9 @@ class ConvBNAct(nn.Sequential):
         groups: int = 1,
         activation: Callable[..., nn.Module] | None = nn.ReLU,
     ) -> None:
+        padding = (kernel_size - 1) // 2
         layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False),
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False),
             nn.BatchNorm2d(out_channels),
         ]
         if activation is not None:

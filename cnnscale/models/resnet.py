@@ -66,7 +66,9 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """CIFAR ResNet: stem, four stages of ``depths[i]`` blocks at widths 64-128-256-512, global pool, linear."""
 
-    def __init__(self, block: type[BasicBlock | Bottleneck], depths: tuple[int, int, int, int], num_classes: int = 10):
+    def __init__(
+        self, block: type[BasicBlock | Bottleneck], depths: tuple[int, int, int, int], num_classes: int = 10
+    ) -> None:
         super().__init__()
         self.stem = ConvBNAct(3, 64, 3, stride=1)  # CIFAR: 3x3/1 conv, no max-pool (ImageNet: 7x7/2 + pool)
         stages: list[nn.Module] = []

@@ -13,6 +13,9 @@ Naming follows torchvision: ``vgg16`` has no BatchNorm and ``vgg16_bn`` has it, 
 and elsewhere. The seed list's ``vgg16`` is therefore the plain one (14,719,818 parameters, same as
 ``vgg16_gap``); the "VGG-16-BN (512->10) 14.7M" measured for the seed is ``vgg16_bn`` (14,724,042). Both print
 as 14.7M. Without BatchNorm, VGG-16 needs a smaller learning rate than the BN variant to train from scratch.
+
+Convs followed by BatchNorm have no bias (it would be cancelled by the BN mean); torchvision's ``vgg*_bn`` keep
+it, which adds 4,224 parameters to VGG-16-BN (14,728,266).
 """
 
 from __future__ import annotations

@@ -1,0 +1,163 @@
+"""Running one study point as a real multi-process launch, and classifying how it ended.
+
+A *backend* turns a point's argument list into an :class:`Outcome`. :class:`LocalBackend` starts the launcher as a
+subprocess in its own process group (argument list, never a shell), with a per-point timeout that kills the whole
+group. Other backends (SLURM) implement the same ``run`` method and are registered in :data:`BACKENDS`.
+
+Launch forms (see ../shared/STACK-FACTS.md for the forms that silently run world size 1):
+
+- world size 1: ``python launch/train.py ARGS``;
+- world size N: ``accelerate launch --multi_gpu --num_processes N --num_machines 1 --main_process_port P
+  launch/train.py ARGS`` (train.py makes the Accelerator with ``cpu=True`` when there is no GPU, so this is gloo on
+  CPU), or ``torchrun --nnodes 1 --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:P``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["Outcome", "Backend", "LocalBackend", "BACKENDS", "build_command", "classify_failure", "free_port",
+           "REPO", "LAUNCHERS", "point_env", "port_in_use"]
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCHERS = ("accelerate", "torchrun")
+
+_OOM = ("CUDA out of memory", "OutOfMemoryError", "DefaultCPUAllocator: can't allocate memory",
+        " out of memory.", "MemoryError")
+_WRAPPER_ERRORS = ("ChildFailedError", "CalledProcessError", "SignalException")
+_PORT_IN_USE = ("Address already in use", "EADDRINUSE", "address already in use")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a launch ended: ``status`` is ok | failed | oom | timeout; ``error`` is one line (empty when ok)."""
+
+    status: str
+    error: str
+    returncode: int | None
+    seconds: float
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, cmd: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> Outcome: ...
+
+
+def free_port() -> int:
+    """A TCP port that is free right now (bind to port 0 and let the kernel choose)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bin(name: str, python: str) -> str:
+    """An executable installed next to ``python`` (the venv's), else whatever PATH has."""
+    cand = Path(python).parent / name
+    return str(cand) if cand.exists() else name
+
+
+def build_command(script: str | Path, args: list[str], world_size: int, port: int, launcher: str = "accelerate",
+                  python: str = sys.executable) -> list[str]:
+    """The argument list that starts ``script`` on ``world_size`` local processes."""
+    script = str(script)
+    if world_size == 1:
+        return [python, script, *args]
+    if launcher == "torchrun":
+        return [_bin("torchrun", python), "--nnodes", "1", "--nproc-per-node", str(world_size), "--rdzv-backend",
+                "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", script, *args]
+    return [_bin("accelerate", python), "launch", "--multi_gpu", "--num_processes", str(world_size),
+            "--num_machines", "1", "--main_process_port", str(port), script, *args]
+
+
+def point_env(threads: int, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of a point: OMP_NUM_THREADS set when ``threads`` > 0 (CPU: one thread per process)."""
+    env = dict(os.environ if base is None else base)
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _error_line(text: str) -> str:
+    """The most telling line of a failed launch's log: a cnnscale one-line error, else the last exception line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if re.search(r"^\S+\.py: error: |^cnnscale: error: ", ln):
+            return ln[:300]
+    for ln in reversed(lines):
+        if re.search(r"\b\w*(Error|Exception)\b:", ln) and not any(w in ln for w in _WRAPPER_ERRORS):
+            return ln[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+def classify_failure(returncode: int | None, log_text: str, timed_out: bool = False) -> tuple[str, str]:
+    """(status, one-line error) of a launch: timeout, oom (CUDA/CPU allocator, SIGKILL), failed, or ok."""
+    if timed_out:
+        return "timeout", "point exceeded its timeout; the process group was killed"
+    if any(s in log_text for s in _OOM):
+        line = next((ln.strip() for ln in log_text.splitlines() if any(s in ln for s in _OOM)), "out of memory")
+        return "oom", line[:300]
+    if returncode in (-9, 137) or "exitcode  : -9" in log_text or "Signals.SIGKILL" in log_text:
+        return "oom", "killed by SIGKILL (out of host memory?)"
+    if returncode:
+        return "failed", f"exit {returncode}: {_error_line(log_text)}"
+    return "ok", ""
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class LocalBackend:
+    """Runs each launch as a subprocess on this machine; output goes to ``log_path``."""
+
+    name = "local"
+
+    def run(self, cmd: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> Outcome:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        timed_out = False
+        with open(log_path, "w") as log:
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                    start_new_session=True)  # own process group: a timeout kills every rank
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_group(proc)
+            except BaseException:  # Ctrl-C: the ranks are in their own session and would not see it
+                _kill_group(proc)
+                raise
+        text = log_path.read_text(errors="replace")
+        status, error = classify_failure(proc.returncode, text, timed_out)
+        return Outcome(status, error, proc.returncode, time.monotonic() - t0)
+
+
+def port_in_use(log_text: str) -> bool:
+    """Whether a launch failed because its rendezvous port was taken meanwhile (worth one retry)."""
+    return any(s in log_text for s in _PORT_IN_USE)
+
+
+BACKENDS: dict[str, type] = {"local": LocalBackend}

@@ -1,0 +1,64 @@
+"""``cnnscale bench`` as users run it: a subprocess with a timeout. Speed itself is not asserted here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cnnscale.bench import measure_ratio
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").is_dir() else sys.executable
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.timeout(400)
+def test_bench_lenet5_runs_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [PY, "-m", "cnnscale", "bench", "--models", "lenet5", "--steps", "5", "--rounds", "2", "--threads", "1",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=360)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lenet5" in proc.stdout and "measured:cpu matmul fp32" in proc.stdout
+    assert "overhead lenet5" in proc.stdout and ("PASS" in proc.stdout or "MISS" in proc.stdout)
+    assert "data and e2e ratios skipped" in proc.stdout
+    doc = json.loads(out.read_text())
+    (row,) = doc["models"]
+    assert row["model"] == "lenet5" and row["images"] == 5 * 64
+    assert row["img_per_s"] > 0 and row["step_ms_p50"] > 0 and row["gflops_per_img"] == pytest.approx(0.00320472)
+    assert row["gpu_util_pct_mean"] is None and row["mfu"] > 0
+    over = doc["ratios"]["overhead"]["lenet5"]
+    assert over["goal"] == 0.98 and len(over["ratios"]) == 2 and over["ratio"] > 0
+
+
+def test_bench_bad_input_is_one_line_exit_2() -> None:
+    for args, needle in ((["--models", "lenet5,nope"], "unknown model 'nope'"),
+                         (["--ratios", "data"], "needs the real images"), (["--steps", "0"], "--steps must be >= 1")):
+        proc = subprocess.run([PY, "-m", "cnnscale", "bench", *args], cwd=ROOT, env=ENV, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_measure_ratio_alternates_and_takes_the_median() -> None:
+    calls: list[str] = []
+    ours = iter([10.0, 12.0, 30.0])
+    theirs = iter([5.0, 6.0, 5.0])
+
+    def a() -> float:
+        calls.append("ours")
+        return next(ours)
+
+    def b() -> float:
+        calls.append("theirs")
+        return next(theirs)
+
+    res = measure_ratio(a, b, 3)
+    assert calls == ["ours", "theirs", "theirs", "ours", "ours", "theirs"]
+    assert res["ratios"] == [2.0, 2.0, 6.0] and res["ratio"] == 2.0
+    assert res["ours_img_per_s"] == 12.0 and res["theirs_img_per_s"] == 5.0
