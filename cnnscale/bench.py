@@ -134,6 +134,8 @@ class _Setup:
         dev = self.acc.device.type
         for i in range(n):
             x, y = batches[i % len(batches)]
+            if self.cfg.fast.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(dev, dtype=torch.bfloat16 if self.cfg.train.mixed_precision == "bf16" else
                                 torch.float16, enabled=self.cfg.train.mixed_precision != "no"):
                 loss = crit(self.bare(x), y)

@@ -176,7 +176,7 @@ def split_section(argv: list[str], section: str, cls: type,
     return cls(**values), rest
 
 
-def pop_source(argv: list[str], command: str) -> tuple[str | None, list[str]]:
+def pop_source(argv: list[str]) -> tuple[str | None, list[str]]:
     """The leading positional ``RUN_DIR`` of ``cnnscale prune|quantize RUN_DIR [flags]``, if there is one."""
     if argv and not argv[0].startswith("--"):
         return argv[0], argv[1:]

@@ -320,6 +320,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return float(value)
         raise UserError(f"{key}: expected a number, got {value!r}")
     if tp is str:
+        if value is False:  # YAML 1.1 reads a bare `no` (mixed_precision: no) as false
+            return "no"
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
         raise UserError(f"{key}: expected a string, got {value!r}")

@@ -34,10 +34,14 @@ __all__ = ["DeviceTrainLoader", "DeviceEvalLoader", "build_device_loaders", "aug
 PAD = 4  # RandomCrop(32, padding=4)
 
 
-def normalise(x: torch.Tensor) -> torch.Tensor:
+def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1))
+
+
+def normalise(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """uint8 NCHW → float, as ToTensor (÷255) then Normalize(CIFAR_MEAN, CIFAR_STD)."""
-    mean = torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = stats if stats is not None else _stats(x.device)
     return (x.float().div_(255) - mean).div_(std)
 
 
@@ -60,12 +64,12 @@ def _seed(*parts: int) -> int:
 
 
 def _draws(n: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Crop offsets (uniform 0..2*PAD) and flips (p = 0.5) for one batch, drawn on the host from ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    dy = torch.randint(0, 2 * PAD + 1, (n,), generator=g)
-    dx = torch.randint(0, 2 * PAD + 1, (n,), generator=g)
-    flip = torch.rand(n, generator=g) < 0.5
-    return dy.to(device, non_blocking=True), dx.to(device, non_blocking=True), flip.to(device, non_blocking=True)
+    """Crop offsets (uniform 0..2*PAD) and flips (p = 0.5) for one batch, drawn on the device from ``seed`` (no
+    host-to-device copy, so no sync; the draws differ between CPU and GPU but are fixed for each)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    dy = torch.randint(0, 2 * PAD + 1, (n,), generator=g, device=device)
+    dx = torch.randint(0, 2 * PAD + 1, (n,), generator=g, device=device)
+    return dy, dx, torch.rand(n, generator=g, device=device) < 0.5
 
 
 class _Registered(DataLoaderStateMixin):
@@ -78,6 +82,7 @@ class _Registered(DataLoaderStateMixin):
         self.total_batch_size = batch_size * world
         self._drop_last = drop_last
         self.gradient_state = GradientState()
+        self.stats = _stats(data.x.device)
 
 
 class DeviceTrainLoader(_Registered):
@@ -125,7 +130,7 @@ class DeviceTrainLoader(_Registered):
                 if self.augment:
                     x = augment_batch(x, *_draws(len(b), _seed(self.seed, self.epoch, i, self.rank), self.device))
                 self.end_of_dataloader = i == last
-                yield normalise(x), y
+                yield normalise(x, self.stats), y
         finally:
             self.end()
 
@@ -165,7 +170,7 @@ class DeviceEvalLoader(_Registered):
                 else:
                     idx = idx[idx < n]
                 self.end_of_dataloader = i == len(self) - 1
-                yield normalise(self.dataset.x[idx]), self.dataset.y[idx]
+                yield normalise(self.dataset.x[idx], self.stats), self.dataset.y[idx]
         finally:
             self.end()
 

@@ -53,6 +53,9 @@ def configure_deepspeed(accelerator: Any, cfg: Config) -> None:
     """
     plugin = _plugin(accelerator)
     if plugin is None:
+        if use_deepspeed():
+            raise UserError("DeepSpeed was requested but Accelerate left it off and would silently run plain DDP: "
+                            "unset ACCELERATE_USE_CPU and do not pass --cpu with a DeepSpeed config")
         return
     if cfg.fast.compile:
         raise UserError("fast.compile is not supported with DeepSpeed in cnnscale (DeepSpeed wraps the model in its "

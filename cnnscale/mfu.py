@@ -5,8 +5,9 @@ the device name and the compute dtype. fp32 training on Ampere and newer runs it
 when ``fast.tf32`` is on, so it is compared with the TF32 peak. An unknown GPU, or a dtype the GPU has no peak for
 (bf16 on V100), gives ``None``: MFU is then "n/a", never a guess.
 
-On CPU there is no honest table, so the peak is measured at start-up with a short matmul benchmark (best of a few
-square matmuls, at the thread count in use) and labelled ``measured:cpu matmul <dtype>``.
+On CPU there is no honest table, so the peak is measured at start-up with a short matmul benchmark (best of many
+512-square matmuls over 0.5 s, at the thread count in use; on a shared machine some of them escape contention, where
+1024-square ones measured 6x lower) and labelled ``measured:cpu matmul <dtype>``.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def _cpu_matmul_tflops(dtype: str, threads: int, size: int, seconds: float) -> f
     return 2 * size**3 / best / 1e12
 
 
-def measure_cpu_peak(dtype: str = "fp32", size: int = 1024, seconds: float = 0.3) -> float:
+def measure_cpu_peak(dtype: str = "fp32", size: int = 512, seconds: float = 0.5) -> float:
     """Best-case TFLOP/s of a ``size``-square matmul in this process at its current thread count (cached)."""
     return _cpu_matmul_tflops(dtype if dtype in ("fp32", "bf16", "fp16") else "fp32", torch.get_num_threads(), size,
                               seconds)

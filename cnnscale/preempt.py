@@ -86,6 +86,9 @@ class SignalGuard:
         import torch
         import torch.distributed as dist
 
+        if not dist.is_initialized():  # several processes but no process group: nothing to agree with
+            self._world = 1
+            return
         # A CPU tensor on a gloo group: no CUDA sync. new_group is collective, so every rank creates it here.
         self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         self._buf = torch.zeros(1, dtype=torch.int32)

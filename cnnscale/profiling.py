@@ -294,7 +294,7 @@ class Profiler(NullProfiler):
             "step_ms_p50": _ms(percentile(self.step_times, 50)),
             "step_ms_p90": _ms(percentile(self.step_times, 90)),
             "data_wait_s": self.phase_s["data"],
-            "fwd_bwd_s": self.phase_s["fwd_bwd"] - (sync_s or 0.0),
+            "fwd_bwd_s": max(self.phase_s["fwd_bwd"] - (sync_s or 0.0), 0.0),
             "optim_s": self.phase_s["optim"],
             "sync_s": sync_s,
             "sync_share": sync_s / wall if sync_s is not None else None,

@@ -134,7 +134,7 @@ def main(argv: list[str]) -> int:
               "[--lr X] [--data-dir DIR] [training flags]\n  also as --prune.amount / --prune.include_linear / "
               "--prune.finetune_epochs; amount is a fraction strictly between 0 and 1")
         return 0
-    src, argv = pop_source(list(argv), "prune")
+    src, argv = pop_source(list(argv))
     pcfg, rest = split_section(argv, "prune", PruneConfig, SHORT)
     if src is None:
         raise UserError("RUN_DIR is required: cnnscale prune RUN_DIR --amount 0.5")

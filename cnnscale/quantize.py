@@ -71,7 +71,7 @@ class QuantConfig:
 
 
 SHORT = {"--backend": "backend", "--batch": "batch", "--repeats": "repeats", "--calib-batches": "calib_batches",
-         "--threads": "threads"}
+         "--threads": "threads", "--warmup": "warmup"}
 
 
 def quantize_dynamic_seed(model: nn.Module) -> nn.Module:
@@ -167,7 +167,7 @@ def main(argv: list[str]) -> int:
               "[--warmup 3] [--calib-batches 8] [--threads N] [--out DIR] [--data.limit_test N] [data flags]\n"
               "  also as --quant.FIELD; accuracy only for a trained RUN_DIR")
         return 0
-    src, argv = pop_source(list(argv), "quantize")
+    src, argv = pop_source(list(argv))
     qcfg, rest = split_section(argv, "quant", QuantConfig, SHORT)
     model, cfg, trained, default_out = _source(src, rest)
     out = Path(cfg.train.out or default_out)

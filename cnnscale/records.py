@@ -5,7 +5,8 @@ A run directory holds::
     config.yaml     the resolved configuration
     env.json        versions, devices, world_size, num_nodes, hostnames, SLURM ids, git sha, fast-path switches
     metrics.jsonl   one JSON object per log step; keys carry their unit (``loss``, ``lr``, ``img_per_s``, ``time_s``)
-    summary.json    final figures; ``status`` is ``ok`` | ``failed`` | ``oom`` | ``timeout`` | ``running``
+    summary.json    final figures; ``status`` is ``ok`` | ``failed`` | ``oom`` | ``timeout`` | ``running`` |
+                    ``preempted`` (checkpointed on a signal, resumable; see :mod:`cnnscale.preempt`)
     checkpoints/    ``step_000100/`` ... written by ``accelerator.save_state`` (see :mod:`cnnscale.checkpoint`)
 
 Every file is written atomically (temp file in the same directory, fsync, rename), so a kill mid-write never leaves

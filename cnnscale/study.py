@@ -333,7 +333,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("file", help="study YAML (configs/studies/*.yaml)")
     ap.add_argument("--out", help="study directory (default: runs/<name>)")
     ap.add_argument("--dry-run", action="store_true", help="list the points and their commands, run nothing")
-    ap.add_argument("--backend", default="local", choices=sorted(BACKENDS), help="where points run")
+    ap.add_argument("--backend", default="local", choices=sorted([*BACKENDS, "slurm"]), help="where points run")
+    ap.add_argument("--slurm", nargs="?", const="", default=None, metavar="SBATCH_OPTS",
+                    help="run the points as SLURM job arrays (slurm/study.sbatch), wait, then report; extra sbatch "
+                    "options as one string: --slurm='--partition=gpu --account=x'")
     ap.add_argument("--timeout", type=float, help="override the per-point timeout (s)")
     args = ap.parse_args(argv)
     spec = load_spec(args.file)
@@ -344,7 +347,12 @@ def main(argv: list[str]) -> int:
         _dry_run(spec, out)
         return 0
     t0 = time.monotonic()
-    results = run_study(spec, out, BACKENDS[args.backend]())
+    if args.slurm is not None or args.backend == "slurm":
+        from cnnscale.study_slurm import run_slurm_study
+
+        results = run_slurm_study(spec, out, args.slurm or "")
+    else:
+        results = run_study(spec, out, BACKENDS[args.backend]())
     bad = sum(r.get("status") != "ok" for r in results)
     print(f"study {spec.name}: {len(results)} points, {bad} not ok, {time.monotonic() - t0:.0f} s -> {out}",
           file=sys.stderr)

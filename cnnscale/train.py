@@ -179,6 +179,7 @@ class Trainer:
             _check_writable(self.run_dir)
         if model is None:
             model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, width_mult=cfg.model.width_mult)
+        self.n_params = sum(p.numel() for p in model.parameters())
         if cfg.fast.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.fast_env = _apply_fast_path(cfg, acc.device)
@@ -216,8 +217,7 @@ class Trainer:
         records.write_yaml(self.run_dir / records.CONFIG, config_to_dict(self.cfg))
         extra = {**self.fast_env, "global_batch": global_batch(self.cfg, self.world),
                  **ds_config.deepspeed_env(self.acc), **self.prof_env()}
-        extra.update(zero_memory.memory_env(self.param_counts, extra["zero_stage"], self.world, self.cfg.optim.name,
-                                            self.cfg.optim.momentum,
+        extra.update(zero_memory.memory_env(self.param_counts, extra["zero_stage"], self.world, self.cfg.optim,
                                             extra.get("mixed_precision", self.cfg.train.mixed_precision)))
         from cnnscale.envinfo import collect_env
 
@@ -326,7 +326,7 @@ class Trainer:
     def _finish(self, final: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
         summary = {
-            "status": "ok", "model": cfg.model.name, "world_size": self.world,
+            "status": "ok", "model": cfg.model.name, "world_size": self.world, "params": self.n_params,
             "micro_batch": cfg.train.micro_batch, "grad_accum": cfg.train.grad_accum,
             "global_batch": global_batch(cfg, self.world), "mixed_precision": cfg.train.mixed_precision,
             "steps": self.state.step, "epochs_done": self.state.epoch, "wall_s": time.time() - self.t_start,

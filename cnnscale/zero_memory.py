@@ -15,11 +15,15 @@ stage        params       grads        opt. states  fp32 master copy
 DeepSpeed keeps the fp32 master partition in fp32 training too (it clones the flat fp32 weights), so the master
 column applies at every ZeRO stage, not only in mixed precision.
 
-Beside the model states, two *working-set* terms that are not partitioned, because they dominate for
-``vgg16_classic`` (one 25088x4096 layer holds 77% of its 134M parameters):
-- DDP keeps its gradient buckets as a second copy of every gradient (``gradient_as_bucket_view=False``): pΨ.
-- ZeRO-2/3 reduce-scatter each layer's gradient as it is produced, so the full gradient of the largest layer (L
-  parameters) is alive at once: pL; ZeRO-3 also all-gathers that layer's weights for forward and backward: pL more.
+Beside the model states, *working-set* terms (transient or unpartitioned buffers) that matter at this size:
+- ``comm_buffers``: DDP keeps its gradient buckets as a second copy of every gradient
+  (``gradient_as_bucket_view=False``): pΨ. ZeRO-2/3 reduce-scatter each layer's gradient as it is produced, so the
+  full gradient of the largest layer (L parameters) is alive at once: pL; ZeRO-3 also all-gathers that layer's
+  weights for forward and backward: pL more. This is what limits ZeRO-3 on ``vgg16_classic``, whose one 25088x4096
+  layer holds 77% of its 134M parameters.
+- ``optimizer_step``: PyTorch's foreach optimizers allocate fp32 temporaries the size of the parameters the rank
+  steps (Ψ for DDP, Ψ/N under ZeRO): Adam's sqrt(v)+eps, RMSprop's sqrt of its average, a copy of the gradient for
+  L2 weight decay (Adam, SGD, RMSprop; AdamW decays in place) and for Nesterov.
 
 Activations, framework code (torch, DeepSpeed) and allocator slack are not modelled: measure them on a tiny model
 and subtract (``launch/bench_zero_memory.py`` does).
@@ -31,7 +35,8 @@ from typing import Any
 
 from cnnscale.errors import UserError
 
-__all__ = ["predict_rank_bytes", "optimizer_states", "param_counts", "memory_env", "STAGES", "PRECISION_BYTES"]
+__all__ = ["predict_rank_bytes", "optimizer_states", "step_temporaries", "param_counts", "memory_env", "STAGES",
+           "PRECISION_BYTES"]
 
 STAGES = (0, 1, 2, 3)
 PRECISION_BYTES = {"no": 4, "fp32": 4, "bf16": 2, "fp16": 2}
@@ -51,13 +56,21 @@ def optimizer_states(optimizer: str, momentum: float = 0.9) -> int:
                     "(choose from: adam, adamw, rmsprop, sgd)")
 
 
+def step_temporaries(optimizer: str, weight_decay: float = 0.0, nesterov: bool = False) -> int:
+    """fp32 parameter-sized temporaries of one foreach ``optimizer.step()`` (see the module doc)."""
+    name = optimizer.lower()
+    l2_copy = 1 if weight_decay > 0 and name != "adamw" else 0
+    return {"adam": 1, "adamw": 1, "rmsprop": 1}.get(name, 0) + l2_copy + (1 if nesterov and name == "sgd" else 0)
+
+
 def predict_rank_bytes(params: int, stage: int, world_size: int, optimizer: str = "adam", precision: str = "no", *,
-                       momentum: float = 0.9, largest_layer_params: int = 0) -> dict[str, int]:
+                       momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False,
+                       largest_layer_params: int = 0) -> dict[str, int]:
     """Bytes each rank holds for ``params`` parameters at ZeRO ``stage`` (0 = plain DDP) on ``world_size`` ranks.
 
-    Returns ``params``, ``grads``, ``optimizer_states``, ``master_params`` (their sum: ``model_states``),
-    ``working_set`` (DDP buckets / the largest layer's gathered weights and full gradient, see the module doc;
-    0 unless ``largest_layer_params`` is given for ZeRO-2/3) and ``total``.
+    Returns the model states ``params``, ``grads``, ``optimizer_states``, ``master_params`` and their sum
+    ``model_states`` (the ZeRO paper's figure); the working set ``comm_buffers`` (its largest-layer part is 0
+    unless ``largest_layer_params`` is given) and ``optimizer_step``, and their sum ``working_set``; ``total``.
     """
     if stage not in STAGES:
         raise UserError(f"unknown ZeRO stage {stage!r} (choose from: {', '.join(map(str, STAGES))})")
@@ -75,7 +88,10 @@ def predict_rank_bytes(params: int, stage: int, world_size: int, optimizer: str 
         "master_params": 4 * psi // n if stage >= 1 else 0,
     }
     out["model_states"] = sum(out[key] for key in _MODEL_STATES)
-    out["working_set"] = {0: p * psi, 1: 0, 2: p * lay, 3: 2 * p * lay}[stage] if n > 1 or stage else 0
+    out["comm_buffers"] = {0: p * psi if n > 1 else 0, 1: 0, 2: p * lay, 3: 2 * p * lay}[stage]
+    stepped = psi // (n if stage >= 1 else 1)
+    out["optimizer_step"] = 4 * step_temporaries(optimizer, weight_decay, nesterov) * stepped
+    out["working_set"] = out["comm_buffers"] + out["optimizer_step"]
     out["total"] = out["model_states"] + out["working_set"]
     return out
 
@@ -91,9 +107,14 @@ def param_counts(model: Any) -> dict[str, int]:
     return {"param_count": int(total), "largest_layer_params": int(largest)}
 
 
-def memory_env(counts: dict[str, int], stage: int | None, world_size: int, optimizer: str, momentum: float,
+def memory_env(counts: dict[str, int], stage: int | None, world_size: int, optim: Any,
                precision: str) -> dict[str, Any]:
-    """env.json fields: the parameter counts and this run's predicted per-rank bytes (stage None: plain DDP)."""
-    pred = predict_rank_bytes(counts["param_count"], stage or 0, world_size, optimizer, precision,
-                              momentum=momentum, largest_layer_params=counts["largest_layer_params"])
+    """env.json fields: the parameter counts and this run's predicted per-rank bytes (stage None: plain DDP).
+
+    ``optim`` is the run's :class:`~cnnscale.config.OptimConfig` (name, momentum, weight_decay, nesterov).
+    """
+    pred = predict_rank_bytes(counts["param_count"], stage or 0, world_size, optim.name, precision,
+                              momentum=optim.momentum, weight_decay=optim.weight_decay,
+                              nesterov=optim.nesterov and optim.momentum > 0,
+                              largest_layer_params=counts["largest_layer_params"])
     return {**counts, "predicted_rank_bytes": pred}

@@ -208,3 +208,33 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path):
     assert restarts == [at_signal + 1], f"the second run's first step is {restarts}, expected {at_signal + 1}"
     print(f"\npreempted job {job_id}: signal at step {at_signal}, resumed at step {at_signal + 1}, "
           f"final step {summary['steps']}, sacct {states}")
+
+
+STUDY = """name: slurmtest
+models: [{name: lenet5, micro_batches: [32]}]
+world_sizes: [1, 2]
+gpus_per_node: 1          # a CPU study: one process per node, so world size 2 spans both nodes
+threads_per_process: 1
+max_steps: 10
+data: synthetic
+timeout_s: 300
+allreduce_bench: false
+overrides: {data.num_workers: 0, data.val_size: 0, data.synthetic_size: 512, data.limit_test: 64,
+            train.eval_every_epoch: false, train.log_every: 5}
+"""
+
+
+def test_study_runs_points_as_job_arrays_and_reports(cluster, tmp_path):
+    spec, out = tmp_path / "study.yaml", tmp_path / "out"
+    spec.write_text(STUDY)
+    cmd = [PY, "-m", "cnnscale", "study", str(spec), "--slurm", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=cpu_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "submitted array" in proc.stdout and "cnnscale scaling report" in proc.stdout
+    for ws, hosts in ((1, 1), (2, 2)):
+        run_dir = out / f"lenet5-ws{ws}-no-mb32"
+        summary, env = read_json(run_dir / "summary.json"), read_json(run_dir / "env.json")
+        assert summary["status"] == "ok" and summary["world_size"] == ws and summary["point"]["study"] == "slurmtest"
+        assert env["num_nodes"] == hosts and "SLURM_ARRAY_JOB_ID" in env["slurm"]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=cpu_env())
+    assert again.returncode == 0 and "2 points, 2 done earlier" in again.stdout and "submitted" not in again.stdout
