@@ -29,7 +29,7 @@ from cnnscale.errors import UserError
 
 __all__ = [
     "atomic_write_text", "write_json", "read_json", "write_yaml", "MetricsLog", "read_metrics", "RunRecord",
-    "load_run", "find_runs", "SUMMARY", "ENV", "CONFIG", "METRICS",
+    "load_run", "find_runs", "SUMMARY", "ENV", "CONFIG", "METRICS", "truncate_metrics",
 ]
 
 SUMMARY, ENV, CONFIG, METRICS = "summary.json", "env.json", "config.yaml", "metrics.jsonl"
@@ -112,6 +112,16 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             if isinstance(rec, dict):
                 out.append(rec)
     return out
+
+
+def truncate_metrics(path: str | Path, max_step: int) -> None:
+    """On resume: drop records past the checkpoint's step (logged before the crash, about to be logged again) and any
+    torn line, so metrics.jsonl never holds a step twice. Rewritten atomically."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= max_step]
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True, default=_json_default) + "\n" for r in kept))
 
 
 class RunRecord(dict):

@@ -80,7 +80,11 @@ def _apply_fast_path(cfg: Config, device: torch.device) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = cfg.fast.cudnn_benchmark
         torch.backends.cuda.matmul.allow_tf32 = cfg.fast.tf32
         torch.backends.cudnn.allow_tf32 = cfg.fast.tf32
-    return {"fast_path": dataclasses.asdict(cfg.fast), "loader": cfg.data.loader}
+    cuda = device.type == "cuda"  # cudnn.benchmark and TF32 are GPU switches: recorded as not applied (None) on CPU
+    applied = {"channels_last": cfg.fast.channels_last, "compile": cfg.fast.compile,
+               "cudnn_benchmark": torch.backends.cudnn.benchmark if cuda else None,
+               "tf32": torch.backends.cuda.matmul.allow_tf32 if cuda else None}
+    return {"fast_path": dataclasses.asdict(cfg.fast), "fast_path_applied": applied, "loader": cfg.data.loader}
 
 
 def prepare_inputs(images: torch.Tensor, channels_last: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -225,6 +229,8 @@ class Trainer:
         summary = {"status": "running", "model": self.cfg.model.name, "world_size": self.world}
         if not (self.run_dir / records.SUMMARY).exists():
             records.write_json(self.run_dir / records.SUMMARY, summary)
+        if self.cfg.train.resume:  # steps past the checkpoint are logged again from here
+            records.truncate_metrics(self.run_dir / records.METRICS, self.state.step)
         self.metrics = records.MetricsLog(self.run_dir / records.METRICS)
 
     def prof_env(self) -> dict[str, Any]:

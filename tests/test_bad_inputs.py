@@ -49,6 +49,8 @@ class Ctx:
 
     def ckpt_copy(self, case: str, damage: Callable[[Path], None]) -> Path:
         run = self.tmp / f"resume-{case}"
+        while run.exists():  # the --debug rerun gets its own copy
+            run = run.with_name(run.name + "-again")
         shutil.copytree(self.ckpt_run, run)
         damage(run / "checkpoints" / "step_00000002")
         return run
