@@ -12,7 +12,10 @@ Loaders:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,12 +178,14 @@ def _cached_decode(cfg: DataConfig, split: str) -> ArraySet:
         except Exception:  # a torn cache file is rebuilt
             pass
     arr = _decode_folder(ds)
-    try:
-        tmp = cache.with_suffix(".tmp")
+    try:  # a unique temp name per process: several ranks may decode the same folder at once
+        fd, tmp = tempfile.mkstemp(prefix=cache.name, suffix=".tmp", dir=cache.parent)
+        os.close(fd)
         torch.save({"x": arr.x, "y": arr.y}, tmp)
-        tmp.replace(cache)
+        os.replace(tmp, cache)
     except OSError:
-        pass
+        with contextlib.suppress(OSError, UnboundLocalError):
+            os.unlink(tmp)
     return arr
 
 

@@ -319,13 +319,16 @@ class Profiler(NullProfiler):
         keys = ("gpu_util_pct_peak", "gpu_mem_used_bytes_peak", "max_memory_allocated_bytes",
                 "max_memory_reserved_bytes")
         mine = {"peak_rss_bytes": getattr(self, "peak_rss", None) or _peak_rss_bytes(), **{k: s.get(k) for k in keys}}
-        if self.world_size == 1 or self.acc is None:
-            return {**mine, "rank_peak_rss_bytes": [mine["peak_rss_bytes"]]}
-        from accelerate.utils import gather_object
+        everyone = [mine]
+        if self.world_size > 1 and self.acc is not None:
+            from accelerate.utils import gather_object
 
-        everyone = gather_object([mine])
+            everyone = gather_object([mine])
         out = {k: max((d[k] for d in everyone if d[k] is not None), default=None) for k in mine}
-        return {**out, "rank_peak_rss_bytes": [d["peak_rss_bytes"] for d in everyone]}  # per rank, rank order
+        # Per rank, in rank order (memory by ZeRO stage differs between ranks): CPU RSS and the GPU allocator peak.
+        out["rank_peak_rss_bytes"] = [d["peak_rss_bytes"] for d in everyone]
+        out["rank_max_memory_allocated_bytes"] = [d["max_memory_allocated_bytes"] for d in everyone]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- helpers

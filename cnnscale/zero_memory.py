@@ -31,12 +31,13 @@ and subtract (``launch/bench_zero_memory.py`` does).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from cnnscale.errors import UserError
 
-__all__ = ["predict_rank_bytes", "optimizer_states", "step_temporaries", "param_counts", "memory_env", "STAGES",
-           "PRECISION_BYTES"]
+__all__ = ["predict_rank_bytes", "optimizer_states", "step_temporaries", "param_counts", "memory_env", "memory_rows",
+           "STAGES", "PRECISION_BYTES"]
 
 STAGES = (0, 1, 2, 3)
 PRECISION_BYTES = {"no": 4, "fp32": 4, "bf16": 2, "fp16": 2}
@@ -118,3 +119,30 @@ def memory_env(counts: dict[str, int], stage: int | None, world_size: int, optim
                               nesterov=optim.nesterov and optim.momentum > 0,
                               largest_layer_params=counts["largest_layer_params"])
     return {**counts, "predicted_rank_bytes": pred}
+
+
+def memory_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per-rank memory by ZeRO stage from run records (mappings with ``summary`` and ``env``), for the report.
+
+    One row per run that recorded per-rank peaks: on GPU the allocator peak of each rank
+    (``rank_max_memory_allocated_bytes``), on CPU each rank's peak RSS (``rank_peak_rss_bytes``, which includes the
+    framework's own ~0.8 GB), beside env.json's ``predicted_rank_bytes``. Pure: no torch, no files.
+    """
+    rows = []
+    for rec in records:
+        s, e = rec.get("summary") or {}, rec.get("env") or {}
+        gpu = [b for b in s.get("rank_max_memory_allocated_bytes") or [] if b is not None]
+        ranks, kind = (gpu, "gpu allocator") if gpu else (s.get("rank_peak_rss_bytes") or [], "rss")
+        if not ranks:
+            continue
+        stage, world = e.get("zero_stage"), e.get("world_size") or len(ranks)
+        offload = e.get("zero_offload_optimizer") not in (None, "none") or e.get("zero_offload_param") not in (None,
+                                                                                                          "none")
+        label = f"ZeRO-{stage}" + (" offload" if offload else "") if stage is not None else (
+            "DDP" if world > 1 else "1 process")
+        pred = e.get("predicted_rank_bytes") or {}
+        rows.append({"run": rec.get("path"), "model": s.get("model") or e.get("model"), "world_size": world,
+                     "config": label, "zero_stage": stage or 0, "mem_kind": kind, "rank_peak_bytes": list(ranks),
+                     "max_rank_peak_bytes": max(ranks), "predicted_total_bytes": pred.get("total"),
+                     "predicted_model_states_bytes": pred.get("model_states")})
+    return sorted(rows, key=lambda r: (str(r["model"]), r["world_size"], r["zero_stage"], r["config"]))

@@ -110,12 +110,16 @@ def test_global_pruning_reaches_sparsity_and_still_trains():
     assert res["n"] == 32 and 0 <= res["acc"] <= 1
 
 
-def test_prune_cli_finetunes_through_training_loop(tmp_path, teacher):
+def test_prune_cli_finetunes_under_ddp(tmp_path, teacher):
+    """Masks are set before accelerator.prepare wraps the model in DDP (2 processes) and hold through fine-tuning."""
     out = tmp_path / "pruned"
-    run([PY, "-m", "cnnscale", "prune", str(teacher), "--amount", "0.5", "--include-linear", "--finetune-epochs", "1",
-         "--max-steps", "3", "--micro-batch", "16", "--out", str(out), "--train.progress", "none"], timeout=600)
+    run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--main_process_port", "29903", "-m", "cnnscale", "prune", str(teacher), "--amount", "0.5", "--include-linear",
+         "--finetune-epochs", "1", "--max-steps", "3", "--micro-batch", "16", "--out", str(out),
+         "--train.progress", "none"], timeout=600)
     rec, summary = read_json(out / "prune.json"), read_json(out / "summary.json")
-    assert summary["status"] == "ok" and summary["steps"] == 3
+    assert read_json(out / "env.json")["world_size"] == 2
+    assert summary["status"] == "ok" and summary["steps"] == 3 and summary["world_size"] == 2
     assert rec["layers_pruned"] == 5 and rec["pruned_weights_sparsity"] == pytest.approx(0.5, abs=1e-4)
     assert all(0 <= rec[k] <= 1 for k in ("test_acc_before", "test_acc_pruned", "test_acc_after"))
     weights = load_file(str(out / "model.safetensors"))  # permanent: plain weights, no masks
