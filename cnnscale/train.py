@@ -227,8 +227,7 @@ class Trainer:
 
         records.write_json(self.run_dir / records.ENV, collect_env(self.acc, hosts, extra))
         summary = {"status": "running", "model": self.cfg.model.name, "world_size": self.world}
-        if not (self.run_dir / records.SUMMARY).exists():
-            records.write_json(self.run_dir / records.SUMMARY, summary)
+        records.write_json(self.run_dir / records.SUMMARY, summary)  # a resumed run is running again
         if self.cfg.train.resume:  # steps past the checkpoint are logged again from here
             records.truncate_metrics(self.run_dir / records.METRICS, self.state.step)
         self.metrics = records.MetricsLog(self.run_dir / records.METRICS)

@@ -136,10 +136,11 @@ def memory_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if not ranks:
             continue
         stage, world = e.get("zero_stage"), e.get("world_size") or len(ranks)
-        offload = e.get("zero_offload_optimizer") not in (None, "none") or e.get("zero_offload_param") not in (None,
-                                                                                                          "none")
-        label = f"ZeRO-{stage}" + (" offload" if offload else "") if stage is not None else (
-            "DDP" if world > 1 else "1 process")
+        offload = any(e.get(k) not in (None, "none") for k in ("zero_offload_optimizer", "zero_offload_param"))
+        if stage is not None:
+            label = f"ZeRO-{stage}" + (" offload" if offload else "")
+        else:
+            label = "DDP" if world > 1 else "1 process"
         pred = e.get("predicted_rank_bytes") or {}
         rows.append({"run": rec.get("path"), "model": s.get("model") or e.get("model"), "world_size": world,
                      "config": label, "zero_stage": stage or 0, "mem_kind": kind, "rank_peak_bytes": list(ranks),

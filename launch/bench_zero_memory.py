@@ -61,7 +61,9 @@ def _launch(args: argparse.Namespace, name: str, model: str, port: int, out: Pat
            "--lr", "0.0001", "--sched.name", "none", "--mixed-precision", args.precision, "--train.log_every",
            str(args.steps), "--train.progress", "none", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(os.environ.get("CNNSCALE_CACHE_DIR", ROOT)) / ".torch_extensions"))
+    cache = os.environ.get("CNNSCALE_CACHE_DIR")  # as launch/test.sh; DeepSpeed's comm op is built once per machine
+    ext = Path(cache) / "torch_extensions" if cache else ROOT / ".torch_extensions"
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ext))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=args.timeout, capture_output=True, text=True, check=False)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}

@@ -71,7 +71,7 @@ if step data tar xzf "$ARCHIVE" -C "$WORK"; then
   DATA="$("$PY" launch/gpu_check.py find-data "$WORK")" || { FAILED+=("find-data"); DATA=""; }
 fi
 common=(--config "configs/recipes/$MODEL.yaml" --data imagefolder --data-dir "$DATA" --loader device
-        --mixed-precision bf16 --train.progress plain "${TRAIN[@]}")
+        --mixed-precision bf16 --train.progress plain --train.eval_every_epoch false "${TRAIN[@]}")
 if [ -n "$DATA" ]; then
   step train_baseline "$PY" launch/train.py "${common[@]}" --max-steps "$BASE_STEPS" --out "$DEST/runs/$MODEL-baseline"
   step train_fast "$PY" launch/train.py "${common[@]}" --max-steps "$FAST_STEPS" --fast.channels_last true \

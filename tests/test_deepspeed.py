@@ -23,7 +23,7 @@ from cnnscale.records import read_metrics
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
 pytest.importorskip("transformers", reason="Accelerate's DeepSpeed path needs transformers")
 
-PORTS = {"1": 29870, "2": 29871, "3": 29872, "3_offload": 29873, "mismatch": 29874}
+PORTS = {"1": 29870, "2": 29871, "3": 29872, "3_offload": 29873, "mismatch": 29874, "resume": 29875}
 LEARN = ["--model", "lenet5", "--data", "synthetic", "--data.synthetic_size", "64", "--data.val_size", "0",
          "--data.num_workers", "0", "--train.eval_every_epoch", "false", "--micro-batch", "32",
          "--optim.name", "adam", "--lr", "0.003", "--sched.name", "none", "--train.progress", "plain"]
@@ -77,6 +77,22 @@ def test_zero_stage_trains_on_two_processes(tmp_path: Path, stage: str, steps: i
     assert ck.name == f"step_{steps:08d}" and (ck / "trainer_state.json").is_file()
     shards = sorted(p.name for p in (ck / "pytorch_model").glob("*optim_states.pt"))
     assert len(shards) == 2, f"optimizer states should be partitioned over 2 ranks: {shards}"
+
+
+def test_zero2_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    """save_state under DeepSpeed writes the engine's partitioned checkpoint; --resume loads it and goes on."""
+    out = tmp_path / "resume"
+    base = [*LEARN, "--train.log_every", "5", "--out", str(out)]
+    run(ds_cmd("launch/accelerate/deepspeed_zero2.yaml", PORTS["resume"], [*base, "--max-steps", "10"]),
+        timeout=420, env=ds_env())
+    first = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    run(ds_cmd("launch/accelerate/deepspeed_zero2.yaml", PORTS["resume"],
+               [*base, "--max-steps", "20", "--resume", str(out)]), timeout=420, env=ds_env())
+    summary, recs = read_json(out / "summary.json"), [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert summary["status"] == "ok" and summary["steps"] == 20 and summary["world_size"] == 2
+    assert [r["step"] for r in recs] == [5, 10, 15, 20]
+    assert recs[2]["loss"] < first[0], "resumed run should continue from the trained weights, not start over"
+    assert (out / "checkpoints" / "step_00000020" / "trainer_state.json").is_file()
 
 
 def test_grad_accum_mismatch_is_one_line_error(tmp_path: Path) -> None:

@@ -69,11 +69,18 @@ def start(cmd: list[str]) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def kill_group(p: subprocess.Popen) -> None:
+def kill_tree(p: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every descendant at once, as a node crash would. Not just the process group: the
+    elastic agent (torchrun, accelerate launch) starts each worker in a session of its own."""
     try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        tree = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for pr in tree:
+        try:
+            pr.kill()
+        except psutil.NoSuchProcess:
+            pass
     p.communicate(timeout=60)
 
 
@@ -83,7 +90,7 @@ def wait_for(pred, p: subprocess.Popen, timeout: float = 240, what: str = "") ->
         if p.poll() is not None:
             raise AssertionError(f"run exited (rc {p.returncode}) before {what}:\n{p.stdout.read()[-3000:]}")
         if time.monotonic() - t0 > timeout:
-            kill_group(p)
+            kill_tree(p)
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
 
@@ -94,7 +101,7 @@ def crash_after_checkpoint(cmd: list[str], run_dir: Path) -> int:
     try:
         wait_for(lambda: latest_checkpoint(run_dir) is not None, p, what="the first checkpoint")
     finally:
-        kill_group(p)
+        kill_tree(p)
     assert p.returncode == -signal.SIGKILL
     summary = json.loads((run_dir / records.SUMMARY).read_text())
     assert summary["status"] == "running"  # it really died mid-run
@@ -226,7 +233,7 @@ def kill_rank_and_time(launcher: list[str], out: Path, sig: int, extra: list[str
         if p.poll() is None:
             for pr in psutil.Process(p.pid).children(recursive=True):
                 pr.send_signal(signal.SIGCONT)
-            kill_group(p)
+            kill_tree(p)
 
 
 @pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
@@ -263,7 +270,7 @@ def test_kill_during_checkpoint_writes_leaves_only_complete_checkpoints(tmp_path
         wait_for(lambda: len(list((run / "checkpoints").glob("step_*"))) >= 2, p, what="two checkpoints")
         time.sleep(random.uniform(0.0, 0.4))
     finally:
-        kill_group(p)
+        kill_tree(p)
     from accelerate.utils import load
     from safetensors.torch import load_file
 

@@ -89,3 +89,23 @@ def test_vgg16_classic_counts() -> None:
     with torch.device("meta"):
         model = create_model("vgg16_classic")
     assert param_counts(model) == {"param_count": 134_301_514, "largest_layer_params": 25088 * 4096 + 4096}
+
+
+def test_memory_rows_for_the_report() -> None:
+    from cnnscale.zero_memory import memory_rows
+
+    pred = predict_rank_bytes(PSI, 2, 2, "adam", "no")
+    records = [
+        {"path": "z2", "summary": {"model": "m", "rank_peak_rss_bytes": [3, 5]},
+         "env": {"world_size": 2, "zero_stage": 2, "zero_offload_optimizer": "none", "predicted_rank_bytes": pred}},
+        {"path": "z3o", "summary": {"model": "m", "rank_peak_rss_bytes": [2, 2],
+                                    "rank_max_memory_allocated_bytes": [1, 1]},
+         "env": {"world_size": 2, "zero_stage": 3, "zero_offload_param": "cpu"}},
+        {"path": "ddp", "summary": {"model": "m", "rank_peak_rss_bytes": [9, 8]}, "env": {"world_size": 2}},
+        {"path": "old", "summary": {"model": "m", "peak_rss_bytes": 7}, "env": {"world_size": 1}},  # no per-rank
+    ]
+    rows = memory_rows(records)
+    assert [(r["run"], r["config"]) for r in rows] == [("ddp", "DDP"), ("z2", "ZeRO-2"), ("z3o", "ZeRO-3 offload")]
+    assert rows[0]["max_rank_peak_bytes"] == 9 and rows[0]["predicted_total_bytes"] is None
+    assert rows[1]["rank_peak_bytes"] == [3, 5] and rows[1]["predicted_total_bytes"] == pred["total"]
+    assert rows[2]["mem_kind"] == "gpu allocator" and rows[2]["rank_peak_bytes"] == [1, 1]
