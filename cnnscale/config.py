@@ -318,6 +318,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise UserError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if value is False:  # YAML 1.1 reads a bare `no` (mixed_precision: no) as false

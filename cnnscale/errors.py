@@ -69,7 +69,8 @@ def run_cli(fn: Callable[[list[str]], int | None], argv: Sequence[str] | None = 
         if debug:
             traceback.print_exc()
         msg = " ".join(str(exc).split())  # always one line
-        print(f"{prog}: error: {msg}", file=sys.stderr)
+        sys.stderr.write(f"{prog}: error: {msg}\n")  # one write: ranks printing at once do not interleave a line
+        sys.stderr.flush()
         return EXIT_USAGE
     except KeyboardInterrupt:
         if debug:

@@ -3,7 +3,8 @@
 ``cnnscale quantize RUN_DIR | --model NAME [--backend x86] [--batch 64] [--repeats 20] [--calib-batches 8] [--out DIR]``
 
 Three variants are measured side by side: size on disk (``torch.save`` of the state dict, the same format for all
-three), CPU latency per batch (median of ``repeats`` timed forwards after warm-up), test accuracy (only for a trained
+three), CPU latency per batch (median of ``repeats`` rounds after warm-up, the variants taking turns in each round so
+that load from other processes hits all three alike), test accuracy (only for a trained
 run directory; ``--model NAME`` builds an untrained model for size and latency only), and the largest output
 difference from the float model on one batch.
 
@@ -116,17 +117,24 @@ def size_on_disk(model: nn.Module, path: Path) -> int:
     return path.stat().st_size
 
 
-def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int) -> dict[str, float]:
-    """Median and spread of the wall time of one forward on ``x`` (CPU: perf_counter around the call)."""
-    times = []
+def latency_ms(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int) -> dict[str, dict[str, float]]:
+    """Wall time of one forward on ``x`` per model: median, p10 and p90 over ``repeats`` rounds (CPU: perf_counter).
+
+    The models take turns within each round, so a burst of load from other processes hits all of them alike.
+    """
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for i in range(warmup + repeats):
-            t0 = time.perf_counter()
-            model(x)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-    return {"median_ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1]}
+            for name, m in models.items():
+                t0 = time.perf_counter()
+                m(x)
+                if i >= warmup:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
+        out[name] = {"median_ms": statistics.median(ts), "p10_ms": q[0], "p90_ms": q[-1]}
+    return out
 
 
 def _source(src: str | None, rest: list[str]) -> tuple[nn.Module, Any, bool, str]:
@@ -149,12 +157,13 @@ def _measure(variants: dict[str, nn.Module], qcfg: QuantConfig, x: torch.Tensor,
              test: Any) -> dict[str, dict[str, Any]]:
     with torch.inference_mode():
         ref = variants["float"](x)
+    lat = latency_ms(variants, x, qcfg.repeats, qcfg.warmup)
     rows = {}
     for name, m in variants.items():
         with torch.inference_mode():
             diff = (m(x) - ref).abs().max().item()
         row: dict[str, Any] = {"size_bytes": size_on_disk(m, out / f"{name}.pt"), **module_counts(m),
-                               "max_abs_diff_vs_float": diff, **latency_ms(m, x, qcfg.repeats, qcfg.warmup)}
+                               "max_abs_diff_vs_float": diff, **lat[name]}
         row["test_acc"] = eval_accuracy(m, test)["acc"] if test is not None else None
         rows[name] = row
     return rows

@@ -61,7 +61,7 @@ def settings_label(rec: records.RunRecord) -> str:
     if rec.summary.get("runner") == "bench_ddp_bare":
         return "bare_ddp"
     dist = (rec.config or {}).get("dist") or {}
-    parts = []
+    parts = [f"zero{rec.env['zero_stage']}"] if rec.env.get("zero_stage") is not None else []
     if dist.get("comm_hook", "none") != "none":
         parts.append(f"hook={dist['comm_hook']}")
     if dist.get("bucket_mb", 25) != 25:
@@ -231,6 +231,34 @@ def render(rows: list[dict[str, Any]], console: Any, warnings: list[str] | None 
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
 
 
+def render_memory(recs: list[records.RunRecord], console: Any) -> None:
+    """Per-rank peak memory by ZeRO stage, measured beside zero_memory's prediction (only when a ZeRO run is present;
+    DDP runs of the same models are shown with them as the baseline)."""
+    from rich.table import Table
+
+    from cnnscale.zero_memory import memory_rows
+
+    rows = memory_rows(recs)
+    zero_models = {r["model"] for r in rows if r["zero_stage"]}
+    rows = [r for r in rows if r["model"] in zero_models]
+    if not rows:
+        return
+    table = Table(title="memory per rank by ZeRO stage", caption="measured: peak per rank (RSS on CPU, which includes "
+                  "~0.8 GB of framework; allocator peak on GPU); predicted: cnnscale/zero_memory.py",
+                  caption_justify="left")
+    for col in ("model", "config", "N", "measured per rank", "predicted", "model states", "meas/pred"):
+        table.add_column(col, justify="left" if col in ("model", "config") else "right")
+    for r in rows:
+        pred = r["predicted_total_bytes"]
+        # RSS carries ~0.8 GB of framework: a ratio means something only when the model's share dominates.
+        meaningful = pred and (r["mem_kind"] != "rss" or pred >= 1e9)
+        ratio = f"{r['max_rank_peak_bytes'] / pred:.2f}" if meaningful else "n/a"
+        table.add_row(str(r["model"]), r["config"], str(r["world_size"]),
+                      " / ".join(_gb(b) for b in r["rank_peak_bytes"]), _gb(pred),
+                      _gb(r["predicted_model_states_bytes"]), ratio)
+    console.print(table)
+
+
 def _write_flat(rows: list[dict[str, Any]], csv_path: str | None, json_path: str | None) -> None:
     flat = [{c: r.get(c) for c in COLUMNS} for r in rows]
     if csv_path:
@@ -270,6 +298,7 @@ def main(argv: list[str]) -> int:
     for w in warns:
         print(f"cnnscale report: warning: {w}", file=sys.stderr)
     render(rows, console, warns)
+    render_memory(recs, console)
     if args.predict:
         from cnnscale.report_predict import predict_rows, render_predict
 

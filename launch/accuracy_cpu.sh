@@ -35,7 +35,7 @@ done
 
 # 3. Quantisation: the trained LeNet-5 (accuracy on the 10k test images) and an untrained ResNet-18 (size, latency).
 "$PY" -m cnnscale quantize "$RUNS/lenet5_recipe" --batch 64 --repeats 20 --threads 1 --out "$RUNS/lenet5_int8"
-"$PY" -m cnnscale quantize --model resnet18 --batch 64 --repeats 10 --calib-batches 4 --threads 1 \
+"$PY" -m cnnscale quantize --model resnet18 --batch 64 --repeats 5 --calib-batches 4 --threads 1 \
   --out "$RUNS/resnet18_int8"
 
 # 4. Distillation: LeNet-5 student, 2 epochs of the LeNet-5 recipe, taught by the 20-epoch LeNet-5 (T=4, alpha=0.9).

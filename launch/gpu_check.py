@@ -128,7 +128,7 @@ def _bench_table(bench: dict[str, Any]) -> Any:
 def _run_line(name: str, f: dict[str, Any]) -> str:
     return (f"{name}: status={f['status']} steps={f['steps']} img/s steady={_fmt(f['img_per_s_steady'], ',.0f')} "
             f"overall={_fmt(f['img_per_s_overall'], ',.0f')} MFU steady={_fmt(f['mfu_steady'], '.1%')} "
-            f"({_fmt(f['gflops_per_img'], '.2f')} GFLOPs/img, peak {_fmt(f['peak_tflops'], ',.1f')} TFLOP/s "
+            f"({_fmt(f['gflops_per_img'], '.3g')} GFLOPs/img, peak {_fmt(f['peak_tflops'], ',.1f')} TFLOP/s "
             f"{f['peak_source']}) data wait={_fmt(f['data_wait_s'], '.2f')} s")
 
 
@@ -137,7 +137,7 @@ def _goal_lines(goal_model: str, fast: dict[str, Any], dry_run: bool) -> tuple[l
     goal = (f"goal ({GOAL['model']}, {GOAL['device']}, bf16, fast path): >= {GOAL['mfu']:.0%} MFU, "
             f"~{GOAL['img_per_s']:,} img/s at {GOAL['gflops_per_img']} GFLOPs per training image")
     got = (f"measured ({goal_model}, {fast.get('device') or 'n/a'}): {_fmt(fast.get('img_per_s_steady'), ',.0f')} "
-           f"img/s, {_fmt(fast.get('mfu_steady'), '.1%')} MFU at {_fmt(fast.get('gflops_per_img'), '.2f')} GFLOPs "
+           f"img/s, {_fmt(fast.get('mfu_steady'), '.1%')} MFU at {_fmt(fast.get('gflops_per_img'), '.3g')} GFLOPs "
            f"per training image -> {'goal met' if met else 'goal not met'}"
            + (" (dry run on CPU: not comparable)" if dry_run else ""))
     return [goal, got], met
