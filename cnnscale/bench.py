@@ -86,8 +86,9 @@ class _Setup:
     def __init__(self, cfg: Any, acc: Any) -> None:
         from cnnscale.models import create_model
         from cnnscale.schedule import build_optimizer, build_scheduler
-        from cnnscale.train import ClassificationTask
+        from cnnscale.train import ClassificationTask, apply_fast_path
 
+        apply_fast_path(cfg, acc.device)  # cudnn.benchmark and TF32 as in training (no-ops on CPU)
         torch.manual_seed(0)
         model = create_model(cfg.model.name, num_classes=cfg.model.num_classes)
         if cfg.fast.channels_last:

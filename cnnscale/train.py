@@ -30,8 +30,8 @@ from cnnscale.profiling import build_profiler
 from cnnscale.progress import make_progress
 from cnnscale.schedule import build_optimizer, build_scheduler
 
-__all__ = ["Task", "ClassificationTask", "Trainer", "build_accelerator", "run", "main", "train_step", "evaluate",
-           "prepare_inputs"]
+__all__ = ["Task", "ClassificationTask", "Trainer", "build_accelerator", "apply_fast_path", "run", "main", "train_step",
+           "evaluate", "prepare_inputs"]
 
 
 class ClassificationTask:
@@ -75,7 +75,7 @@ def build_accelerator(cfg: Config) -> Any:
     return acc
 
 
-def _apply_fast_path(cfg: Config, device: torch.device) -> dict[str, Any]:
+def apply_fast_path(cfg: Config, device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.fast.cudnn_benchmark
         torch.backends.cuda.matmul.allow_tf32 = cfg.fast.tf32
@@ -186,7 +186,7 @@ class Trainer:
         self.n_params = sum(p.numel() for p in model.parameters())
         if cfg.fast.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.fast_env = _apply_fast_path(cfg, acc.device)
+        self.fast_env = apply_fast_path(cfg, acc.device)
         optimizer = build_optimizer(cfg.optim, model)
         self.param_counts = zero_memory.param_counts(model)  # before prepare: ZeRO-3 partitions params in place
         self.model, self.optimizer = acc.prepare(model, optimizer)

@@ -16,7 +16,7 @@ import torch
 from helpers import PY, REPO, cpu_env, read_json, run
 
 from cnnscale.config import load_config
-from cnnscale.train import _apply_fast_path, prepare_inputs
+from cnnscale.train import apply_fast_path, prepare_inputs
 
 # Builds a Trainer in a fresh process, looks inside it, trains, and prints what it saw as the last line.
 INTROSPECT = """
@@ -88,11 +88,11 @@ def test_gpu_switches_are_applied_on_a_cuda_device() -> None:
     try:
         for bench, tf32 in ((True, False), (False, True)):
             cfg = load_config(["--fast.cudnn_benchmark", str(bench).lower(), "--fast.tf32", str(tf32).lower()])
-            env = _apply_fast_path(cfg, torch.device("cuda"))
+            env = apply_fast_path(cfg, torch.device("cuda"))
             assert torch.backends.cudnn.benchmark is bench
             assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
             assert env["fast_path_applied"]["cudnn_benchmark"] is bench and env["fast_path_applied"]["tf32"] is tf32
-        cpu = _apply_fast_path(load_config([]), torch.device("cpu"))
+        cpu = apply_fast_path(load_config([]), torch.device("cpu"))
         assert cpu["fast_path_applied"]["cudnn_benchmark"] is None
     finally:
         (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
