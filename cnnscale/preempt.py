@@ -25,7 +25,7 @@ from typing import Any
 
 from cnnscale import records
 
-__all__ = ["SignalGuard", "stop_run", "exit_code", "install_early", "EXIT_PREEMPTED", "EXIT_INTERRUPTED",
+__all__ = ["SignalGuard", "stop_run", "exit_code", "install_early", "watch_parent", "EXIT_PREEMPTED", "EXIT_INTERRUPTED",
            "HANDLED_SIGNALS"]
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", which is what a requeue does
@@ -140,3 +140,28 @@ def exit_code(summary: dict[str, Any]) -> int:
     if status == "preempted":
         return EXIT_INTERRUPTED if summary.get("signal") == "SIGINT" else EXIT_PREEMPTED
     return 1
+
+
+def watch_parent(interval_s: float = 1.0) -> threading.Thread | None:
+    """Under a launcher (torchrun, accelerate launch), end this worker if the launcher dies.
+
+    The launchers start each worker in its own session, so a SIGKILLed launcher would otherwise leave its workers
+    training on their own. A daemon thread polls ``getppid()``; when the parent changes (re-parented to init or a
+    subreaper) the worker exits at once with status 1. Returns the thread, or None outside a launcher.
+    """
+    import os
+
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return None
+    parent = os.getppid()
+
+    def loop() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                os.write(2, f"cnnscale: launcher (pid {parent}) is gone; rank exiting\n".encode())
+                os._exit(1)
+
+    t = threading.Thread(target=loop, name="cnnscale-parent-watch", daemon=True)
+    t.start()
+    return t

@@ -232,12 +232,13 @@ def _allreduce_bench(spec: StudySpec, out: Path, backend: Backend, say: Any) -> 
 def run_study(spec: StudySpec, out: Path, backend: Backend | None = None, progress: Any = None) -> list[dict]:
     """Run every point not already done; returns the summaries (done and new), in matrix order."""
     backend = backend or BACKENDS["local"]()
-    out.mkdir(parents=True, exist_ok=True)
-    records.write_yaml(out / "study.yaml", spec.raw)
     too_big = [n for n in spec.world_sizes if spec.gpus_per_node and n > spec.gpus_per_node]
     if too_big and backend.name == "local":
         raise UserError(f"{spec.source}: world sizes {too_big} exceed gpus_per_node {spec.gpus_per_node}; "
                         "the local backend runs one machine (use a multi-node backend)")
+    expand(spec)  # the batch rules fail here, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    records.write_yaml(out / "study.yaml", spec.raw)
     prog = progress or make_study_progress()
     _allreduce_bench(spec, out, backend, prog.say)
     points = expand(spec, _max_batches(spec, out, backend, prog.say))

@@ -355,6 +355,7 @@ def _skip_batches(loader: Any, n: int) -> Any:
 
 def run(cfg: Config, task: ClassificationTask | None = None) -> dict[str, Any]:
     """Train one run described by ``cfg``; returns the summary (also written to ``summary.json``)."""
+    preempt.watch_parent()
     trainer = Trainer(cfg, task)
     try:
         return trainer.fit()

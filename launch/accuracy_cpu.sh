@@ -38,7 +38,9 @@ done
 "$PY" -m cnnscale quantize --model resnet18 --batch 64 --repeats 5 --calib-batches 4 --threads 1 \
   --out "$RUNS/resnet18_int8"
 
-# 4. Distillation: LeNet-5 student, 2 epochs of the LeNet-5 recipe, taught by the 20-epoch LeNet-5 (T=4, alpha=0.9).
-#    Same seed, init and data order as the first 2 epochs of run 1, whose metrics.jsonl is the no-teacher baseline.
+# 4. Distillation: LeNet-5 student, 2 epochs of the LeNet-5 recipe, taught by the 20-epoch LeNet-5 (T=4, alpha=0.9),
+#    and the same 2 epochs without a teacher (same seed, init and data order) as the baseline.
+"$PY" launch/train.py --config configs/recipes/lenet5.yaml --epochs 2 "${DATA[@]}" --out "$RUNS/lenet5_2ep_baseline" \
+  --train.progress plain
 "$PY" -m cnnscale distill --teacher "$RUNS/lenet5_recipe" --temperature 4 --alpha 0.9 \
   --config configs/recipes/lenet5.yaml --epochs 2 "${DATA[@]}" --out "$RUNS/lenet5_distill_T4" --train.progress plain

@@ -6,6 +6,7 @@ Every run is a real process (plain python, or torchrun / accelerate launch with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -247,6 +248,28 @@ def test_dead_rank_ends_the_job(launch: str, tmp_path: Path) -> None:
     # The elastic agent's report names the failed rank and how it died.
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", output), output[-3000:]
     assert json.loads((tmp_path / "run" / records.SUMMARY).read_text())["status"] == "running"
+
+
+def test_killed_launcher_takes_its_workers_with_it(tmp_path: Path) -> None:
+    """The agent starts workers in sessions of their own; if the launcher alone is SIGKILLed, each worker notices
+    its parent is gone (preempt.watch_parent) and exits instead of training on as an orphan."""
+    out = tmp_path / "run"
+    p = start([*torchrun(29967), TRAIN, *LENET, "--max-steps", "100000", "--train.log_every", "5", "--out", str(out)])
+    try:
+        metrics = out / records.METRICS
+        wait_for(lambda: metrics.is_file() and metrics.stat().st_size > 0, p, what="training to start")
+        workers = list(rank_processes(p).values())
+        assert len(workers) == 2
+        os.kill(p.pid, signal.SIGKILL)
+        p.communicate(timeout=60)
+        deadline = time.monotonic() + 30
+        while alive(workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert alive(workers) == [], "workers kept training after their launcher died"
+    finally:
+        for pr in workers if "workers" in locals() else []:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                pr.kill()
 
 
 def test_hung_rank_hits_the_collective_timeout(tmp_path: Path) -> None:
