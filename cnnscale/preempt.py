@@ -25,8 +25,8 @@ from typing import Any
 
 from cnnscale import records
 
-__all__ = ["SignalGuard", "stop_run", "exit_code", "install_early", "watch_parent", "EXIT_PREEMPTED", "EXIT_INTERRUPTED",
-           "HANDLED_SIGNALS"]
+__all__ = ["SignalGuard", "stop_run", "exit_code", "install_early", "watch_parent", "EXIT_PREEMPTED",
+           "EXIT_INTERRUPTED", "HANDLED_SIGNALS"]
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", which is what a requeue does
 EXIT_INTERRUPTED = 130  # the shell convention for SIGINT
