@@ -28,7 +28,7 @@ from cnnscale.config import DataConfig, TrainConfig
 from cnnscale.errors import UserError
 
 __all__ = ["CIFAR_MEAN", "CIFAR_STD", "Splits", "ArraySet", "load_arrays", "build_datasets", "build_loaders", "build",
-           "train_transform", "eval_transform", "split_indices"]
+           "train_transform", "eval_transform", "split_indices", "limit_indices"]
 
 # CIFAR-10 training-set channel statistics (the seed normalises with these).
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -203,8 +203,16 @@ def load_arrays(cfg: DataConfig, seed: int, split: str) -> ArraySet:
     return _cached_decode(cfg, split)
 
 
+def limit_indices(total: int, n: int) -> list[int]:
+    """``n`` evenly spaced indices of ``range(total)`` (all when n is 0 or >= total). ImageFolder sorts by class, so
+    the first n would all be one class; evenly spaced ones keep the classes balanced."""
+    if not n or n >= total:
+        return list(range(total))
+    return [i * total // n for i in range(n)]
+
+
 def _limit(ds: Dataset, n: int) -> Dataset:
-    return Subset(ds, list(range(min(n, len(ds))))) if n else ds
+    return Subset(ds, limit_indices(len(ds), n)) if n else ds
 
 
 def build_datasets(cfg: DataConfig, seed: int) -> Splits:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from accelerate.data_loader import DataLoaderStateMixin
 from accelerate.state import GradientState
 
-from cnnscale.data import CIFAR_MEAN, CIFAR_STD, ArraySet, load_arrays, split_indices
+from cnnscale.data import CIFAR_MEAN, CIFAR_STD, ArraySet, limit_indices, load_arrays, split_indices
 from cnnscale.errors import UserError
 
 __all__ = ["DeviceTrainLoader", "DeviceEvalLoader", "build_device_loaders", "augment_batch", "normalise", "PAD"]
@@ -181,7 +181,10 @@ def _take(arr: ArraySet, idx: np.ndarray) -> ArraySet:
 
 
 def _head(arr: ArraySet, n: int) -> ArraySet:
-    return ArraySet(arr.x[:n], arr.y[:n]) if n else arr
+    if not n:
+        return arr
+    idx = torch.tensor(limit_indices(len(arr), n))  # the same images as the torch loader's limit
+    return ArraySet(arr.x[idx], arr.y[idx])
 
 
 def build_device_loaders(cfg: Any, accelerator: Any) -> tuple[DeviceTrainLoader, DeviceEvalLoader | None,

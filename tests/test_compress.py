@@ -192,7 +192,7 @@ def test_cli_error_as_subprocess_has_no_traceback(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # five models' start-up on CPU: ~2.5 min idle, ~10 min on the shared 2-core box
+@pytest.mark.timeout(1800)  # five models on CPU: ~1 min idle, ~10 min on the shared 2-core box
 def test_accuracy_gpu_script_dry_run(tmp_path):
     """The GPU accuracy script end to end on CPU (2 steps per model, real JPEG data when the archive is found)."""
     out = tmp_path / "out"
