@@ -200,6 +200,9 @@ class TrainConfig:
 class ProfileConfig:
     enabled: bool = True
     """Measure throughput, step split, memory, utilisation and MFU (a no-op object when off)."""
+    warmup_steps: int = 2
+    """Optimiser steps left out of throughput, step-time and phase figures (first-step allocation, autotuning,
+    compilation); shorter runs are measured whole."""
     nvml_hz: float = 10.0
     """NVML sampling rate of the GPU sampler thread."""
     sync_probe_every: int = 0
@@ -211,6 +214,7 @@ class ProfileConfig:
 
     def __post_init__(self) -> None:
         _check(self.nvml_hz > 0, f"profile.nvml_hz must be > 0, got {self.nvml_hz}")
+        _check(self.warmup_steps >= 0, f"profile.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.sync_probe_every >= 0, "profile.sync_probe_every must be >= 0")
         _check(self.trace_steps >= 0, "profile.trace_steps must be >= 0")
         _check(self.peak_tflops >= 0, "profile.peak_tflops must be >= 0")

@@ -142,6 +142,8 @@ class Profiler(NullProfiler):
         self.unsynced_s: list[float] = []
         pcfg = getattr(cfg, "profile", None)
         self.probe_every = (pcfg.sync_probe_every or SYNC_PROBE_EVERY) if pcfg is not None else SYNC_PROBE_EVERY
+        self.warmup_steps = pcfg.warmup_steps if pcfg is not None else 0
+        self.measured_steps = 0
         self.sampler = sampler if sampler is not None else NvmlSampler.for_device(device, getattr(pcfg, "nvml_hz", 10))
         self._setup: dict[str, Any] | None = None
         self.trace_steps = pcfg.trace_steps if pcfg is not None and accelerator is not None and run_dir else 0
@@ -201,15 +203,28 @@ class Profiler(NullProfiler):
     def step(self, images: int) -> None:
         super().step(images)
         self.steps += 1
+        self.measured_steps += 1
         self._window_images += images
         mark = self.marks.mark()
         if self._last_mark is not None:
             self._pending.append(("step", self._last_mark, mark))
         self._last_mark = mark
+        if self.steps == self.warmup_steps:
+            self._end_warmup()
         if self._can_probe() and self.steps >= 2 and (self.steps - 2) % self.probe_every == 0:
             self._probe_sync()
         if self.steps == self.trace_steps:
             self._end_trace()
+
+    def _end_warmup(self) -> None:
+        """Restart the run-level counters: throughput, phases and step times cover only the steps after warm-up
+        (the windowed img/s in metrics.jsonl still covers every step)."""
+        self._flush()
+        self.images, self.measured_steps, self.excluded_s = 0, 0, 0.0
+        self.phase_s = dict.fromkeys(self.phase_s, 0.0)
+        self.step_times.clear()
+        self.t0 = self.sclock.now()
+        self._last_mark = self.marks.mark()
 
     def _start_trace(self) -> None:
         from accelerate.utils import ProfileKwargs
@@ -288,7 +303,7 @@ class Profiler(NullProfiler):
         wall = s["train_time_s"]
         compute = max(wall - self.phase_s["data"], 1e-9)
         sync_step = self.sync_per_step()
-        sync_s = sync_step * self.steps if sync_step is not None else None
+        sync_s = sync_step * self.measured_steps if sync_step is not None else None
         s.update({
             "compute_img_per_s": self.images / compute,
             "step_ms_p50": _ms(percentile(self.step_times, 50)),
@@ -400,8 +415,15 @@ def _peak_rss_bytes() -> int:
 
 
 def build_profiler(enabled: bool, device: torch.device, world_size: int = 1, accelerator: Any = None,
-                   model: Any = None, cfg: Any = None, run_dir: Any = None, **_: Any) -> NullProfiler:
-    """The measuring :class:`Profiler` when ``enabled``, else the no-op :class:`NullProfiler`."""
+                   model: Any = None, cfg: Any = None, run_dir: Any = None, total_steps: int | None = None,
+                   **_: Any) -> NullProfiler:
+    """The measuring :class:`Profiler` when ``enabled``, else the no-op :class:`NullProfiler`.
+
+    ``total_steps``: the run's length; warm-up (``profile.warmup_steps``) is left out of the figures only when at
+    least as many steps follow it. Without it (bench, which warms up on its own) nothing is left out."""
     if not enabled:
         return NullProfiler()
-    return Profiler(device, world_size, accelerator=accelerator, model=model, cfg=cfg, run_dir=run_dir)
+    prof = Profiler(device, world_size, accelerator=accelerator, model=model, cfg=cfg, run_dir=run_dir)
+    if total_steps is None or total_steps < 2 * prof.warmup_steps:
+        prof.warmup_steps = 0
+    return prof

@@ -203,6 +203,7 @@ class Trainer:
         acc.register_for_checkpointing(self.scheduler)
         self.state = _State()
         self.prof = build_profiler(cfg.profile.enabled, acc.device, self.world, accelerator=acc, model=self.model,
+                                   total_steps=self.total_steps,
                                    cfg=cfg, run_dir=self.run_dir)
 
     def _total_steps(self) -> int:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cnnscale import nvml
+from cnnscale.config import load_config
 from cnnscale.mfu import compute_dtype, lookup_peak, mfu, resolve_peak, train_flops_per_image
 from cnnscale.nvml import NvmlSampler
 from cnnscale.profiling import NullProfiler, Profiler, build_profiler, percentile
@@ -71,6 +72,30 @@ def test_throughput_and_step_split_against_a_fake_clock() -> None:
     for k in GPU_KEYS:
         assert s[k] is None, k  # no GPU: n/a, never zero
     assert s["peak_rss_bytes"] > 0
+
+
+def test_warmup_steps_are_left_out_of_run_figures() -> None:
+    """With warmup_steps=2 the slow first steps (allocation, autotuning) do not count; build_profiler only leaves
+    warm-up out when at least as many steps follow it."""
+    clock = FakeClock()
+    prof = Profiler(torch.device("cpu"), world_size=1, clock=clock)
+    prof.warmup_steps = 2
+    prof.start()
+    fwd = [5.0, 2.0, 0.3, 0.3, 0.3, 0.3]
+    for i, _batch in enumerate(prof.iter_data(SlowData(clock, 6, 0.1))):
+        with prof.phase("fwd_bwd"):
+            clock.t += fwd[i]
+        with prof.phase("optim"):
+            clock.t += 0.1
+        prof.step(64)
+    prof.stop()
+    s = prof.summary()
+    assert s["images"] == 4 * 64 and s["train_time_s"] == pytest.approx(4 * 0.5)
+    assert s["img_per_s"] == pytest.approx(256 / 2.0)
+    assert s["fwd_bwd_s"] == pytest.approx(1.2) and s["data_wait_s"] == pytest.approx(0.4)
+    assert s["step_ms_p90"] == pytest.approx(500)
+    assert build_profiler(True, torch.device("cpu"), total_steps=3, cfg=load_config([])).warmup_steps == 0
+    assert build_profiler(True, torch.device("cpu"), total_steps=4, cfg=load_config([])).warmup_steps == 2
 
 
 def test_null_profiler_counts_images_over_wall_time() -> None:
