@@ -248,6 +248,9 @@ class DistConfig:
     """DDP communication hook: none, fp16 or bf16 gradient compression."""
     static_graph: bool = False
     """DDP static_graph (lets DDP skip some per-step bookkeeping)."""
+    compute_only: bool = False
+    """Skip the gradient all-reduce (DDP no_sync on every step), so each rank trains alone: a calibration run that
+    measures compute time per step with N processes sharing the machine(s) and no communication. Not training."""
 
     def __post_init__(self) -> None:
         _check(self.timeout_s >= 5, f"dist.timeout_s must be >= 5, got {self.timeout_s}")

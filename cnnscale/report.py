@@ -68,6 +68,8 @@ def settings_label(rec: records.RunRecord) -> str:
         parts.append(f"bucket={dist['bucket_mb']}MB")
     if dist.get("static_graph"):
         parts.append("static_graph")
+    if dist.get("compute_only"):
+        parts.append("compute_only")
     return ",".join(parts) or "default"
 
 
@@ -103,6 +105,14 @@ def _group_key(row: dict[str, Any]) -> tuple:
     return row["model"], row["precision"], row["settings"], row["scaling"], batch
 
 
+def _base_key(row: dict[str, Any]) -> tuple:
+    """The group whose smallest world size is this row's baseline. A compute_only calibration row is measured
+    against the real runs of the same settings, so its efficiency is the co-location loss alone."""
+    model, prec, settings, scal, batch = _group_key(row)
+    stripped = ",".join(p for p in settings.split(",") if p != "compute_only") or "default"
+    return model, prec, stripped, scal, batch
+
+
 def _sort_key(row: dict[str, Any]) -> tuple:
     """Model, then default settings and fp32 first, then batch and world size."""
     model, prec, settings, scal, batch = _group_key(row)
@@ -125,6 +135,7 @@ def _base_row(rec: records.RunRecord) -> dict[str, Any]:
         "util_kind": "gpu" if util is not None else "cpu", "mfu": s.get("mfu"), "final_loss": s.get("final_loss"),
         "test_acc": s.get("test_acc"), "error": s.get("error"), "run": rec["path"],
         "speedup": None, "efficiency": None, "pred_efficiency": None, "pred_error_pts": None, "interconnect": None,
+        "pred_calibrated": False,
     }
 
 
@@ -133,8 +144,24 @@ def _params(rec: records.RunRecord) -> int:
     return int(s.get("params") or (s.get("point") or {}).get("params") or scaling.model_params(s["model"]))
 
 
-def _predict(rec: records.RunRecord, base: dict[str, Any], row: dict[str, Any], ic: scaling.Interconnect) -> float:
-    """Predicted efficiency of ``row`` against ``base`` (see the module docstring)."""
+def _coloc_key(row: dict[str, Any]) -> tuple:
+    return row["model"], row["precision"], row["micro_batch"], row["grad_accum"], row["world_size"]
+
+
+def _colocated_steps(pairs: list[tuple[dict[str, Any], records.RunRecord]]) -> dict[tuple, float]:
+    """Step time (s) of ``dist.compute_only`` calibration runs: N processes sharing the machine, no all-reduce."""
+    out = {}
+    for row, rec in pairs:
+        if row["status"] == "ok" and row["img_per_s"] and ((rec.config or {}).get("dist") or {}).get("compute_only"):
+            out[_coloc_key(row)] = row["global_batch"] / row["img_per_s"]
+    return out
+
+
+def _predict(rec: records.RunRecord, base: dict[str, Any], row: dict[str, Any], ic: scaling.Interconnect,
+             coloc_step_s: float | None = None) -> float:
+    """Predicted efficiency of ``row`` against ``base`` (see the module docstring). ``coloc_step_s``: the measured
+    step time of N processes sharing the machine without communication (a compute_only run); when given, it is the
+    compute time at N instead of the single-worker one, so the model predicts only the communication."""
     dist = (rec.config or {}).get("dist") or {}
     nbytes = scaling.grad_bytes(_params(rec), dist.get("comm_hook", "none"))
     bucket = float(dist.get("bucket_mb", 25))
@@ -144,10 +171,12 @@ def _predict(rec: records.RunRecord, base: dict[str, Any], row: dict[str, Any], 
     exposed0 = scaling.step_time_s(step0, nbytes, base["world_size"], ic, bucket) - step0
     per_img = max(step0 - exposed0, 0.01 * step0) / ipw0
 
-    def tput(n: int, ipw: int) -> float:
-        return n * ipw / scaling.step_time_s(per_img * ipw, nbytes, n, ic, bucket)
-
     n0, n = base["world_size"], row["world_size"]
+
+    def tput(n_: int, ipw: int) -> float:
+        compute = coloc_step_s if (coloc_step_s and n_ == n) else per_img * ipw
+        return n_ * ipw / scaling.step_time_s(compute, nbytes, n_, ic, bucket)
+
     return tput(n, row["micro_batch"] * row["grad_accum"]) * n0 / (n * tput(n0, ipw0))
 
 
@@ -155,22 +184,25 @@ def aggregate(recs: list[records.RunRecord], fits: dict[str, dict] | None = None
               interconnect: str | None = None) -> list[dict[str, Any]]:
     """Flat rows (see :data:`COLUMNS`), sorted, with speedup, efficiency and the model's prediction filled in."""
     pairs = sorted(((_base_row(r), r) for r in recs), key=lambda p: _sort_key(p[0]))
+    coloc = _colocated_steps(pairs)
     bases: dict[tuple, dict[str, Any]] = {}
     for row, _ in pairs:
-        if row["status"] == "ok" and row["img_per_s"]:
+        if row["status"] == "ok" and row["img_per_s"] and "compute_only" not in row["settings"]:
             key = _group_key(row)
             if key not in bases or row["world_size"] < bases[key]["world_size"]:
                 bases[key] = row
     for row, rec in pairs:
-        base = bases.get(_group_key(row))
+        base = bases.get(_base_key(row))
         if row["status"] != "ok" or not row["img_per_s"] or base is None:
             continue
         row["speedup"] = row["img_per_s"] / base["img_per_s"]
         row["efficiency"] = row["speedup"] * base["world_size"] / row["world_size"]
-        if row["world_size"] > base["world_size"]:
+        if row["world_size"] > base["world_size"] and "compute_only" not in row["settings"]:
             ic = pick_interconnect(rec, fits or {}, interconnect)
             row["interconnect"] = ic.name
-            row["pred_efficiency"] = _predict(rec, base, row, ic)
+            calib = coloc.get(_coloc_key(row))
+            row["pred_efficiency"] = _predict(rec, base, row, ic, calib)
+            row["pred_calibrated"] = calib is not None
             row["pred_error_pts"] = 100 * (row["pred_efficiency"] - row["efficiency"])
     return [row for row, _ in pairs]
 
@@ -194,7 +226,8 @@ def _cells(row: dict[str, Any]) -> list[str]:
         return base + [""] * 9 + [f"[red]{row['status']}[/red]"]
     return base + [
         _f(row["speedup"], ".2f", "") + ("x" if row["speedup"] is not None else ""), _f(row["efficiency"], ".2f", ""),
-        _f(row["pred_efficiency"], ".2f", ""), _f(row["pred_error_pts"], "+.1f", ""), _f(row["step_ms"], ",.1f"),
+        _f(row["pred_efficiency"], ".2f", "") + ("*" if row.get("pred_calibrated") else ""),
+        _f(row["pred_error_pts"], "+.1f", ""), _f(row["step_ms"], ",.1f"),
         _pct(row["sync_share"], ".1f"), mem, util, _pct(row["mfu"], ".2f"), "ok"]
 
 
@@ -209,7 +242,10 @@ def render(rows: list[dict[str, Any]], console: Any, warnings: list[str] | None 
     ics = sorted({r["interconnect"] for r in rows if r["interconnect"]})
     caption = ("eff = img/s(N) x N0 / (N x img/s(N0)), N0 = smallest world size of the same model, precision, settings "
                "and per-worker batch; pred = scaling model (cnnscale/scaling.py)"
-               + (f" on {', '.join(ics)}" if ics else "") + "; err = pred - eff in points; step ms = median step.")
+               + (f" on {', '.join(ics)}" if ics else "") + "; err = pred - eff in points; step ms = median step"
+               + ("; pred* = compute time at N taken from the compute_only run (N processes sharing the machine, no "
+                  "all-reduce), the model predicting the communication" if any(r.get("pred_calibrated") for r in rows)
+                  else "") + ".")
     table = Table(title="cnnscale scaling report", caption=caption, caption_justify="left")
     for col, just in (("model", "left"), ("settings", "left"), ("prec", "left"), ("N", "right"), ("batch", "right"),
                       ("img/s", "right"), ("speedup", "right"), ("eff", "right"), ("pred", "right"), ("err", "right"),

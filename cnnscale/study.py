@@ -109,6 +109,8 @@ def _model_points(spec: StudySpec, m: ModelSpec, max_micro: int | None) -> list[
                 batches = (max_micro,) if max_micro else (m.micro_batches or spec.micro_batches)
                 for mb in batches:
                     for n in spec.world_sizes:
+                        if sdict.get("dist.compute_only") and n == 1:
+                            continue  # a calibration run: no communication to leave out at one process
                         points.append(Point(m.name, n, prec, mb, ga, steps, sname, over, script))
             else:
                 gb = m.global_batch or spec.global_batch

@@ -124,3 +124,13 @@ def test_bad_config_gives_one_line_error(tmp_path, args, needle):
     assert len(err) == 1 and needle in err[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_compute_only_calibration_run_does_not_all_reduce(tmp_path, single64):
+    """dist.compute_only skips the gradient all-reduce: the ranks train apart, so rank 0's weights leave the
+    synchronised trajectory (which equals the 1-process run with the same global batch, see above)."""
+    out = _train(tmp_path, "conly", ["--max-steps", "20", "--micro-batch", "32", "--dist.compute_only", "true"],
+                 nproc=2, port=29604)
+    assert read_json(out / "env.json")["world_size"] == 2
+    assert read_json(out / "summary.json")["status"] == "ok"
+    assert max_abs_diff(final_weights(out), final_weights(single64)) > 1e-4
