@@ -223,12 +223,13 @@ def _cells(row: dict[str, Any]) -> list[str]:
     mem = "n/a" if row["peak_mem_bytes"] is None else f"{_gb(row['peak_mem_bytes'])} {row['mem_kind']}"
     base = [row["model"], row["settings"], row["precision"], str(row["world_size"]), str(row["global_batch"]), tput]
     if not ok:
-        return base + [""] * 9 + [f"[red]{row['status']}[/red]"]
+        return base + [""] * 11 + [f"[red]{row['status']}[/red]"]
     return base + [
         _f(row["speedup"], ".2f", "") + ("x" if row["speedup"] is not None else ""), _f(row["efficiency"], ".2f", ""),
         _f(row["pred_efficiency"], ".2f", "") + ("*" if row.get("pred_calibrated") else ""),
         _f(row["pred_error_pts"], "+.1f", ""), _f(row["step_ms"], ",.1f"),
-        _pct(row["sync_share"], ".1f"), mem, util, _pct(row["mfu"], ".2f"), "ok"]
+        _pct(row["sync_share"], ".1f"), mem, util, _pct(row["mfu"], ".2f"), _f(row["final_loss"], ".3f"),
+        _pct(row["test_acc"], ".1f"), "ok"]
 
 
 def _pct(x: float | None, fmt: str) -> str:
@@ -242,7 +243,8 @@ def render(rows: list[dict[str, Any]], console: Any, warnings: list[str] | None 
     ics = sorted({r["interconnect"] for r in rows if r["interconnect"]})
     caption = ("eff = img/s(N) x N0 / (N x img/s(N0)), N0 = smallest world size of the same model, precision, settings "
                "and per-worker batch; pred = scaling model (cnnscale/scaling.py)"
-               + (f" on {', '.join(ics)}" if ics else "") + "; err = pred - eff in points; step ms = median step"
+               + (f" on {', '.join(ics)}" if ics else "") + "; err = pred - eff in points; step ms = median step; "
+               "loss = last logged training loss; acc = test accuracy"
                + ("; pred* = compute time at N taken from the compute_only run (N processes sharing the machine, no "
                   "all-reduce), the model predicting the communication" if any(r.get("pred_calibrated") for r in rows)
                   else "") + ".")
@@ -250,7 +252,7 @@ def render(rows: list[dict[str, Any]], console: Any, warnings: list[str] | None 
     for col, just in (("model", "left"), ("settings", "left"), ("prec", "left"), ("N", "right"), ("batch", "right"),
                       ("img/s", "right"), ("speedup", "right"), ("eff", "right"), ("pred", "right"), ("err", "right"),
                       ("step ms", "right"), ("sync", "right"), ("peak mem", "right"), ("util", "right"),
-                      ("MFU", "right"), ("status", "left")):
+                      ("MFU", "right"), ("loss", "right"), ("acc", "right"), ("status", "left")):
         table.add_column(col, justify=just, no_wrap=col in ("model", "settings"))
     last = None
     for row in rows:
