@@ -433,6 +433,8 @@ def load_config(argv: list[str] | None = None, path: str | Path | None = None,
         raise UserError(f"invalid configuration: {exc}") from None
     if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1))
+    if cfg.train.resume == "auto" and not cfg.train.out:
+        raise UserError("--resume without a directory resumes --out: give --resume RUN_DIR or --out RUN_DIR")
     if cfg.train.resume == "auto" and cfg.train.out:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=cfg.train.out))
     return cfg
