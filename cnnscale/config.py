@@ -248,6 +248,9 @@ class DistConfig:
     """DDP communication hook: none, fp16 or bf16 gradient compression."""
     static_graph: bool = False
     """DDP static_graph (lets DDP skip some per-step bookkeeping)."""
+    preempt_check_every: int = 10
+    """Optimiser steps between the ranks' vote on a received stop signal (SIGUSR1/SIGTERM/Ctrl-C). The vote is a
+    blocking one-integer all-reduce on gloo (~0.1-1 ms), kept off most steps; a stop waits at most this many steps."""
     compute_only: bool = False
     """Skip the gradient all-reduce (DDP no_sync on every step), so each rank trains alone: a calibration run that
     measures compute time per step with N processes sharing the machine(s) and no communication. Not training."""
@@ -255,6 +258,7 @@ class DistConfig:
     def __post_init__(self) -> None:
         _check(self.timeout_s >= 5, f"dist.timeout_s must be >= 5, got {self.timeout_s}")
         _check(self.bucket_mb >= 1, f"dist.bucket_mb must be >= 1, got {self.bucket_mb}")
+        _check(self.preempt_check_every >= 1, f"dist.preempt_check_every must be >= 1, got {self.preempt_check_every}")
         _choice("dist", "comm_hook", self.comm_hook, COMM_HOOKS)
 
 

@@ -263,7 +263,7 @@ class Trainer:
     # --------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
         """Train. SIGUSR1/SIGTERM/SIGINT stop it at the next optimiser step with a checkpoint (see preempt)."""
-        with preempt.SignalGuard(self.acc) as self.signals:
+        with preempt.SignalGuard(self.acc, every=self.cfg.dist.preempt_check_every) as self.signals:
             return self._fit()
 
     def _fit(self) -> dict[str, Any]:
