@@ -136,3 +136,20 @@ def test_reduced_quickstart_end_to_end_crash_recorded_and_resume(tmp_path):
     # the failed points run again, the done ones (lenet5 at both world sizes, and its compute_only calibration) do not
     assert second.stdout.count("done earlier, skipped") == len(ok)
     assert (out / "lenet5-ws2-no-mb32" / "summary.json").stat().st_mtime == mtime
+
+
+def test_abort_at_exit_after_a_complete_run_is_judged_by_the_run_record(tmp_path):
+    """A rank's "terminate called without an active exception" at interpreter exit, after rank 0 wrote an ok
+    summary for every step, leaves the point ok (with a warning); the same abort before completion stays failed."""
+    spec = parse_spec({**BASE, "models": ["lenet5"], "world_sizes": [2]})
+    p = study.expand(spec)[0]
+    log = "step 10\nterminate called without an active exception\nChildFailedError: exitcode -6\n"
+    for steps, want in ((p.max_steps, "ok"), (p.max_steps - 1, "failed")):
+        run_dir = tmp_path / f"s{steps}"
+        run_dir.mkdir()
+        (run_dir / "launch.log").write_text(log)
+        (run_dir / "summary.json").write_text(json.dumps({"status": "ok", "world_size": 2, "steps": steps}))
+        s = study._record(run_dir, p, spec, "failed", "exit 1: rank 1 SIGABRT", 3.0)
+        assert s["status"] == want
+        assert ("exit_warning" in s) == (want == "ok")
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == want
