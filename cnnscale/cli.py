@@ -16,14 +16,14 @@ __all__ = ["main", "COMMANDS"]
 # name -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "models": ("cnnscale.models.table", "main", "the model zoo: params, MACs, FLOPs, the seed's claims beside them"),
-    "train": ("cnnscale.train", "main", "train one run (same flags as launch/train.py)"),
-    "bench": ("cnnscale.bench", "main", "benchmark models on synthetic data: img/s, step split, memory, MFU"),
-    "study": ("cnnscale.study", "main", "run a scaling study (models x world sizes x precision) into runs/"),
-    "report": ("cnnscale.report", "main", "render a scaling report from run directories (rich, PNG, HTML, CSV)"),
-    "submit": ("cnnscale.submit", "main", "render and submit an sbatch script for a training run"),
-    "distill": ("cnnscale.compress", "distill_main", "train a student from a teacher checkpoint (distillation)"),
-    "prune": ("cnnscale.compress", "prune_main", "global L1 unstructured pruning, optional fine-tuning"),
-    "quantize": ("cnnscale.compress", "quantize_main", "post-training int8 quantisation, with size/latency/accuracy"),
+    "train": ("cnnscale.train.loop", "main", "train one run (same flags as launch/train.py)"),
+    "bench": ("cnnscale.bench.run", "main", "benchmark models on synthetic data: img/s, step split, memory, MFU"),
+    "study": ("cnnscale.study.local", "main", "run a scaling study (models x world sizes x precision) into runs/"),
+    "report": ("cnnscale.report.main", "main", "render a scaling report from run directories (rich, PNG, HTML, CSV)"),
+    "submit": ("cnnscale.study.submit", "main", "render and submit an sbatch script for a training run"),
+    "distill": ("cnnscale.compress.distill", "main", "train a student from a teacher checkpoint (distillation)"),
+    "prune": ("cnnscale.compress.prune", "main", "global L1 unstructured pruning, optional fine-tuning"),
+    "quantize": ("cnnscale.compress.quantize", "main", "post-training int8 quantisation, with size/latency/accuracy"),
 }
 
 

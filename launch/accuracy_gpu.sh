@@ -71,7 +71,7 @@ if [ "$DRY" = 1 ]; then
 else
   COMMON=(--loader device --mixed-precision bf16 --fast.channels_last true)
   t0=$(date +%s)  # decode the JPEGs once into the device loader's cache, outside every run's timing
-  "$PYTHON" -c "import sys; from cnnscale.config import load_config; from cnnscale.data import load_arrays
+  "$PYTHON" -c "import sys; from cnnscale.config import load_config; from cnnscale.data.datasets import load_arrays
 cfg = load_config(sys.argv[1:]); [load_arrays(cfg.data, cfg.train.seed, s) for s in ('train', 'test')]" "${DATA[@]}"
   echo "data: decoded into the device cache in $(( $(date +%s) - t0 )) s"
 fi

@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from cnnscale.records import write_json
-    from cnnscale.scaling import fit_alpha_beta
+    from cnnscale.records.io import write_json
+    from cnnscale.scaling.model import fit_alpha_beta
 
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"

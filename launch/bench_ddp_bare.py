@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.nn.functional as F
 
     from cnnscale.models import create_model
-    from cnnscale.records import write_json, write_yaml
+    from cnnscale.records.io import write_json, write_yaml
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Per-rank peak memory by ZeRO stage, measured beside the ZeRO memory model (cnnscale/zero_memory.py).
+"""Per-rank peak memory by ZeRO stage, measured beside the ZeRO memory model (cnnscale/scaling/memory.py).
 
     python launch/bench_zero_memory.py --model vgg16_classic --optimizer adam --micro-batch 8 --steps 3
 

@@ -35,7 +35,7 @@ def nvml_check(out: Path, dry_run: bool, seconds: float = 3.0) -> dict[str, Any]
     """
     import torch
 
-    from cnnscale.nvml import NvmlSampler
+    from cnnscale.profile.nvml import NvmlSampler
 
     cuda = torch.cuda.is_available() and not dry_run
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")

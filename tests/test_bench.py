@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnscale.bench import measure_ratio
+from cnnscale.bench.run import measure_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").is_dir() else sys.executable

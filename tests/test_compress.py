@@ -11,13 +11,14 @@ import torch
 from helpers import BIN, PY, REPO, cpu_env, read_json, run
 from safetensors.torch import load_file, save_file
 
-from cnnscale import cli, records
-from cnnscale.compress import clean_state_dict, eval_accuracy, load_run_model
+from cnnscale import cli
+from cnnscale.compress.common import clean_state_dict, eval_accuracy, load_run_model
+from cnnscale.compress.distill import DistillTask, distillation_loss
+from cnnscale.compress.prune import apply_global_l1, make_permanent, sparsity_report
+from cnnscale.compress.quantize import module_counts, quantize_dynamic_seed, quantize_static_fx, size_on_disk
 from cnnscale.config import config_to_dict, load_config
-from cnnscale.distill import DistillTask, distillation_loss
 from cnnscale.models import create_model
-from cnnscale.prune import apply_global_l1, make_permanent, sparsity_report
-from cnnscale.quantize import module_counts, quantize_dynamic_seed, quantize_static_fx, size_on_disk
+from cnnscale.records import io as records
 
 SYN = ["--data", "synthetic", "--data.synthetic_size", "600", "--data.val_size", "100", "--data.num_workers", "0"]
 

@@ -18,7 +18,7 @@ from helpers import BIN, REPO, cpu_env, read_json, run
 from cnnscale.config import load_config
 from cnnscale.errors import UserError
 from cnnscale.models import create_model
-from cnnscale.records import read_metrics
+from cnnscale.records.io import read_metrics
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
 pytest.importorskip("transformers", reason="Accelerate's DeepSpeed path needs transformers")
@@ -125,7 +125,7 @@ def _ds_json(name: str = "ds_zero2.json") -> dict:
 
 
 def test_configure_fills_auto_from_cnnscale_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cnnscale import ds_config
+    from cnnscale.train import deepspeed as ds_config
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     cfg = load_config(["--micro-batch", "16", "--grad-accum", "4", "--mixed-precision", "bf16",
@@ -149,7 +149,7 @@ def test_configure_fills_auto_from_cnnscale_config(monkeypatch: pytest.MonkeyPat
 ])
 def test_configure_refuses_disagreeing_json(monkeypatch: pytest.MonkeyPatch, key: str, value: object,
                                             flags: list[str], needle: str) -> None:
-    from cnnscale import ds_config
+    from cnnscale.train import deepspeed as ds_config
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     ds = _ds_json()
@@ -160,7 +160,7 @@ def test_configure_refuses_disagreeing_json(monkeypatch: pytest.MonkeyPatch, key
 
 
 def test_configure_refuses_dropped_deepspeed_and_compile(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cnnscale import ds_config
+    from cnnscale.train import deepspeed as ds_config
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     no_plugin = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None))

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnscale.data import CIFAR_MEAN, CIFAR_STD, ArraySet, train_transform
-from cnnscale.device_loader import DeviceEvalLoader, DeviceTrainLoader
+from cnnscale.data.datasets import CIFAR_MEAN, CIFAR_STD, ArraySet, train_transform
+from cnnscale.data.device import DeviceEvalLoader, DeviceTrainLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").is_dir() else sys.executable
@@ -132,8 +132,8 @@ SCRIPT = textwrap.dedent("""
     from accelerate import Accelerator
     from accelerate.utils import gather_object
     from cnnscale.config import load_config
-    from cnnscale.data import load_arrays, split_indices
-    from cnnscale.device_loader import build_device_loaders
+    from cnnscale.data.datasets import load_arrays, split_indices
+    from cnnscale.data.device import build_device_loaders
 
     acc = Accelerator(cpu=True)
     cfg = load_config(["--data", "synthetic", "--loader", "device", "--micro-batch", "16",

@@ -16,13 +16,13 @@ import torch
 from helpers import PY, REPO, cpu_env, read_json, run
 
 from cnnscale.config import load_config
-from cnnscale.train import apply_fast_path, prepare_inputs
+from cnnscale.train.loop import apply_fast_path, prepare_inputs
 
 # Builds a Trainer in a fresh process, looks inside it, trains, and prints what it saw as the last line.
 INTROSPECT = """
 import json, sys, torch
 from cnnscale.config import load_config
-from cnnscale.train import Trainer, prepare_inputs
+from cnnscale.train.loop import Trainer, prepare_inputs
 cfg = load_config(sys.argv[1:])
 t = Trainer(cfg)
 inner = t.acc.unwrap_model(t.model)

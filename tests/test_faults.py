@@ -23,8 +23,8 @@ import psutil
 import pytest
 import torch
 
-from cnnscale import records
-from cnnscale.checkpoint import TRAINER_STATE, latest_checkpoint
+from cnnscale.records import io as records
+from cnnscale.train.checkpoint import TRAINER_STATE, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -322,7 +322,7 @@ def test_leftover_tmp_checkpoint_is_ignored(tmp_path: Path) -> None:
 _WRITER = """
 import os, sys
 sys.path.insert(0, sys.argv[2])
-from cnnscale.records import write_json
+from cnnscale.records.io import write_json
 i = 0
 while True:
     write_json(sys.argv[1], {"i": i, "pad": "x" * (200_000 + 7 * (i % 2))})

@@ -17,10 +17,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import cnnscale.models
 from cnnscale.errors import UserError
-from cnnscale.flops import conv_backward_flops, count_flops
 from cnnscale.models import SEED_MODELS, _registry, create_model, list_models, model_family, register_model
 from cnnscale.models._layers import make_divisible
 from cnnscale.models.table import SEED_CLAIMS, measure, render
+from cnnscale.profile.flops import conv_backward_flops, count_flops
 
 # Modules of cnnscale.models that define no builders.
 NON_FAMILY_MODULES = {"table"}
@@ -95,7 +95,7 @@ def test_registry_is_exactly_the_modules_builders() -> None:
 
 def test_every_module_sets_all() -> None:
     modules = [*_family_modules(), importlib.import_module("cnnscale.models._layers"), _registry]
-    modules += [importlib.import_module("cnnscale.models.table"), importlib.import_module("cnnscale.flops")]
+    modules += [importlib.import_module("cnnscale.models.table"), importlib.import_module("cnnscale.profile.flops")]
     for module in modules:
         assert all(hasattr(module, n) for n in module.__all__), module.__name__
 

@@ -14,7 +14,7 @@ import psutil
 import pytest
 from helpers import PY, REPO, cpu_env, final_weights, max_abs_diff, read_json, run, train_cmd
 
-from cnnscale import preempt
+from cnnscale.train import preempt
 
 BASE = ["--model", "lenet5", "--data", "synthetic", "--data.synthetic_size", "2048", "--data.val_size", "0",
         "--data.num_workers", "0", "--optim.weight_decay", "0", "--lr", "0.05", "--sched.name", "none",

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnscale import nvml
 from cnnscale.config import load_config
-from cnnscale.mfu import compute_dtype, lookup_peak, mfu, resolve_peak, train_flops_per_image
-from cnnscale.nvml import NvmlSampler
-from cnnscale.profiling import NullProfiler, Profiler, build_profiler, percentile
+from cnnscale.profile import nvml
+from cnnscale.profile.mfu import compute_dtype, lookup_peak, mfu, resolve_peak, train_flops_per_image
+from cnnscale.profile.nvml import NvmlSampler
+from cnnscale.profile.timer import NullProfiler, Profiler, build_profiler, percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").is_dir() else sys.executable
@@ -208,7 +208,7 @@ COMMON = ["--model", "lenet5", "--data", "synthetic", "--loader", "device", "--m
 
 def test_profiler_on_and_off_train_bitwise_identically(tmp_path: Path) -> None:
     from cnnscale.config import load_config
-    from cnnscale.train import run
+    from cnnscale.train.loop import run
 
     on = run(load_config([*COMMON, "--out", str(tmp_path / "on"), "--profile.enabled", "true",
                           "--profile.trace_steps", "2"]))

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from cnnscale import report, scaling
 from cnnscale.errors import UserError
-from cnnscale.plots import PIXELS
+from cnnscale.report import main as report
+from cnnscale.report.plots import PIXELS
+from cnnscale.scaling import model as scaling
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = "tests/fixtures/runs"  # relative, so the golden text holds no machine-specific paths
@@ -107,7 +108,7 @@ def test_settings_label_from_config_when_not_from_a_study():
 
 
 def test_predict_table_shows_vgg16_moving_more_bytes_per_flop_than_resnet18():
-    from cnnscale.report_predict import predict_rows
+    from cnnscale.report.predict import predict_rows
 
     recs, _ = report.load_records([FIXTURE])
     rows = report.aggregate(recs)

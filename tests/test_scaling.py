@@ -1,4 +1,4 @@
-"""The scaling model against hand-computed cases (cnnscale/scaling.py)."""
+"""The scaling model against hand-computed cases (cnnscale/scaling/model.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from cnnscale import scaling
 from cnnscale.errors import UserError
-from cnnscale.scaling import Interconnect
+from cnnscale.scaling import model as scaling
+from cnnscale.scaling.model import Interconnect
 
 MiB = 2**20
 

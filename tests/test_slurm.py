@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from helpers import PY, REPO, cpu_env, read_json
 
-from cnnscale.submit import JobSpec, render
+from cnnscale.study.submit import JobSpec, render
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "train.sbatch"
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}

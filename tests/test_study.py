@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cnnscale import launcher, study
 from cnnscale.errors import UserError
-from cnnscale.study_spec import parse_spec, strong_batch
+from cnnscale.study import launcher
+from cnnscale.study import local as study
+from cnnscale.study.spec import parse_spec, strong_batch
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = {"name": "t", "models": ["lenet5", {"name": "resnet18", "micro_batches": [8], "max_steps": 3}],

@@ -1,4 +1,4 @@
-"""The ZeRO memory model (cnnscale/zero_memory.py): the paper's table, the working-set terms, bad input."""
+"""The ZeRO memory model (cnnscale/scaling/memory.py): the paper's table, the working-set terms, bad input."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cnnscale.errors import UserError
-from cnnscale.zero_memory import memory_env, optimizer_states, param_counts, predict_rank_bytes, step_temporaries
+from cnnscale.scaling.memory import memory_env, optimizer_states, param_counts, predict_rank_bytes, step_temporaries
 
 PSI = 1_000_000  # divisible by every world size used below
 
@@ -92,7 +92,7 @@ def test_vgg16_classic_counts() -> None:
 
 
 def test_memory_rows_for_the_report() -> None:
-    from cnnscale.zero_memory import memory_rows
+    from cnnscale.scaling.memory import memory_rows
 
     pred = predict_rank_bytes(PSI, 2, 2, "adam", "no")
     records = [

@@ -1,8 +1,9 @@
 """``cnnscale models``: the model zoo with params, MACs and FLOPs per 32x32 image, the seed's claims beside them.
 
 Counts are measured, not quoted: each model is built on the ``meta`` device (no memory, no init cost) and run
-once under FlopCounterMode (:mod:`cnnscale.flops`). Where the seed's table has a row for a model, its numbers are
-shown next to ours with a note saying why they differ, so a mismatch is visible rather than silently corrected.
+once under FlopCounterMode (:mod:`cnnscale.profile.flops`). Where the seed's table has a row for a model, its
+numbers are shown next to ours with a note saying why they differ, so a mismatch
+is visible rather than silently corrected.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def measure(names: list[str], backward: bool = False) -> list[dict[str, Any]]:
     """
     import torch
 
-    from cnnscale.flops import count_flops
     from cnnscale.models import create_model, model_family
+    from cnnscale.profile.flops import count_flops
 
     rows = []
     for name in names:

@@ -1,6 +1,6 @@
 """PNG plots of a scaling report (matplotlib, Agg backend: no display needed, safe under SLURM).
 
-Each function takes the flat rows of :func:`cnnscale.report.aggregate` and writes one PNG of a fixed size
+Each function takes the flat rows of :func:`cnnscale.report.main.aggregate` and writes one PNG of a fixed size
 (``FIGSIZE`` x ``DPI``: 900 x 540 pixels), so the files are stable to compare.
 """
 

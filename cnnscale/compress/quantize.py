@@ -36,7 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnscale.compress import eval_accuracy, eval_loader, load_run_model, pop_source, run_overrides, split_section
+from cnnscale.compress.common import (
+    eval_accuracy,
+    eval_loader,
+    load_run_model,
+    pop_source,
+    run_overrides,
+    split_section,
+)
 from cnnscale.errors import UserError
 
 __all__ = ["QuantConfig", "quantize_dynamic_seed", "quantize_static_fx", "module_counts", "size_on_disk",
@@ -196,7 +203,7 @@ def main(argv: list[str]) -> int:
               "calib_batches": qcfg.calib_batches, "torch": torch.__version__,
               "torch_ao_deprecation_warning": deprecated, "variants": rows,
               "test_images": len(test.dataset) if test is not None else 0}
-    from cnnscale.records import write_json
+    from cnnscale.records.io import write_json
 
     write_json(out / QUANT_RECORD, record)
     _print(record, out)

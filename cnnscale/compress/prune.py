@@ -6,7 +6,7 @@
 2. ``prune.global_unstructured(..., L1Unstructured, amount)`` over every Conv2d weight (and Linear with
    ``--include-linear``): the ``amount`` fraction of those weights with the smallest |w|, ranked across all layers
    together, is masked. Layers therefore end up with different sparsities; the report gives each one.
-3. With ``--finetune-epochs N``: train N epochs through the ordinary Accelerate loop (:class:`cnnscale.train.Trainer`,
+3. With ``--finetune-epochs N``: train N epochs through the ordinary Accelerate loop (:func:`cnnscale.train.loop.run`,
    any world size). The masks are forward pre-hooks on the modules, applied before ``accelerator.prepare`` wraps the
    model in DDP, so they hold during fine-tuning: masked weights stay exactly zero. The run's own config is the
    base (its optimiser and schedule; pass ``--lr`` for a smaller fine-tuning rate).
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from cnnscale.compress import (
+from cnnscale.compress.common import (
     eval_accuracy,
     eval_loader,
     load_run_model,
@@ -116,7 +116,7 @@ def _finetune_config(src: str, pcfg: PruneConfig, src_cfg: dict[str, Any], rest:
 
 
 def _finetune(cfg: Any, model: nn.Module) -> tuple[nn.Module, dict[str, Any], bool]:
-    from cnnscale.train import Trainer
+    from cnnscale.train.loop import Trainer
 
     trainer = Trainer(cfg, model=model)
     try:
@@ -164,8 +164,8 @@ def main(argv: list[str]) -> int:
 
 
 def _write(out: Path, model: nn.Module, record: dict[str, Any], cfg: Any, write_config: bool) -> None:
-    from cnnscale import records
     from cnnscale.config import config_to_dict
+    from cnnscale.records import io as records
 
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model, out / "model.safetensors")

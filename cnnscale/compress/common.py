@@ -1,8 +1,8 @@
-"""Model compression: the ``cnnscale distill|prune|quantize`` entry points and what the three share.
+"""Model compression: what ``cnnscale distill|prune|quantize`` share.
 
-- :mod:`cnnscale.distill`: train a student from a teacher run through the ordinary training loop.
-- :mod:`cnnscale.prune`: global L1 unstructured pruning, optional fine-tuning through the same loop.
-- :mod:`cnnscale.quantize`: post-training int8 quantisation (dynamic and static), size, latency, accuracy.
+- :mod:`cnnscale.compress.distill`: train a student from a teacher run through the ordinary training loop.
+- :mod:`cnnscale.compress.prune`: global L1 unstructured pruning, optional fine-tuning through the same loop.
+- :mod:`cnnscale.compress.quantize`: post-training int8 quantisation (dynamic and static), size, latency, accuracy.
 
 Shared here: loading a trained model from a run directory (safetensors only, never pickle), splitting a command's own
 ``--section.field`` flags from the training flags, and a plain test-set accuracy loop.
@@ -23,7 +23,7 @@ import yaml
 from cnnscale.errors import UserError
 
 __all__ = [
-    "distill_main", "prune_main", "quantize_main", "load_run_config", "load_run_model", "model_weights_path",
+    "load_run_config", "load_run_model", "model_weights_path",
     "clean_state_dict", "run_overrides", "split_section", "pop_source", "eval_accuracy", "eval_loader", "save_weights",
 ]
 
@@ -50,7 +50,7 @@ def load_run_config(run_dir: str | Path, role: str = "source") -> dict[str, Any]
 
 def model_weights_path(run_dir: str | Path, role: str = "source") -> Path:
     """``RUN/model.safetensors`` if present, else the latest complete checkpoint's ``model.safetensors``."""
-    from cnnscale.checkpoint import latest_checkpoint
+    from cnnscale.train.checkpoint import latest_checkpoint
 
     run_dir = Path(run_dir)
     if (run_dir / WEIGHTS).is_file():
@@ -190,7 +190,7 @@ def eval_loader(cfg: Any, batch_size: int = 256, split: str = "test") -> Any:
     import torch
     from torch.utils.data import DataLoader
 
-    from cnnscale import data
+    from cnnscale.data import datasets as data
 
     splits = data.build_datasets(cfg.data, cfg.train.seed)
     ds = splits.test if split == "test" else (splits.val if splits.val is not None else splits.train)
@@ -216,25 +216,3 @@ def eval_accuracy(model: Any, loader: Any, device: Any = "cpu") -> dict[str, flo
     if was_training:
         model.train()
     return {"acc": correct / max(n, 1), "loss": loss / max(n, 1), "n": n}
-
-
-# --------------------------------------------------------------------------------------------- entry points
-def distill_main(argv: list[str]) -> int:
-    """``cnnscale distill --teacher RUN_DIR [--temperature T] [--alpha A] [training flags]``."""
-    from cnnscale.distill import main
-
-    return main(argv)
-
-
-def prune_main(argv: list[str]) -> int:
-    """``cnnscale prune RUN_DIR --amount A [--include-linear] [--finetune-epochs N] [--out DIR]``."""
-    from cnnscale.prune import main
-
-    return main(argv)
-
-
-def quantize_main(argv: list[str]) -> int:
-    """``cnnscale quantize RUN_DIR | --model NAME [--backend x86] [--batch 64] [--repeats 20] [--out DIR]``."""
-    from cnnscale.quantize import main
-
-    return main(argv)

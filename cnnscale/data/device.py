@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from accelerate.data_loader import DataLoaderStateMixin
 from accelerate.state import GradientState
 
-from cnnscale.data import CIFAR_MEAN, CIFAR_STD, ArraySet, limit_indices, load_arrays, split_indices
+from cnnscale.data.datasets import CIFAR_MEAN, CIFAR_STD, ArraySet, limit_indices, load_arrays, split_indices
 from cnnscale.errors import UserError
 
 __all__ = ["DeviceTrainLoader", "DeviceEvalLoader", "build_device_loaders", "augment_batch", "normalise", "PAD"]

@@ -12,8 +12,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from cnnscale import records, scaling
-from cnnscale.report import _params, pick_interconnect
+from cnnscale.records import io as records
+from cnnscale.report.main import _params, pick_interconnect
+from cnnscale.scaling import model as scaling
 
 __all__ = ["predict_rows", "render_predict", "fwd_bwd_flops", "PREDICT_AT"]
 
@@ -25,8 +26,8 @@ def fwd_bwd_flops(model: str) -> float:
     """Forward + backward FLOPs per 32x32 image, counted on the meta device (imports torch, once per model)."""
     import torch
 
-    from cnnscale.flops import count_flops
     from cnnscale.models import create_model
+    from cnnscale.profile.flops import count_flops
 
     with torch.device("meta"):
         net = create_model(model)

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from cnnscale.mfu import mfu_setup
-from cnnscale.nvml import NvmlSampler
+from cnnscale.profile.mfu import mfu_setup
+from cnnscale.profile.nvml import NvmlSampler
 
 __all__ = ["Profiler", "NullProfiler", "build_profiler", "percentile", "StepClock", "SYNC_PROBE_EVERY"]
 
@@ -322,7 +322,7 @@ class Profiler(NullProfiler):
         return s
 
     def _mfu(self, img_per_s: float) -> dict[str, Any]:
-        from cnnscale.mfu import mfu
+        from cnnscale.profile.mfu import mfu
 
         env = self.env()
         out = mfu(env.get("flops_per_img"), img_per_s / self.world_size, env.get("peak_tflops"))

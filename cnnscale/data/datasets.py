@@ -7,7 +7,7 @@ Loaders:
 - ``torch``: a DataLoader with torchvision transforms (RandomCrop(32, padding=4), horizontal flip, normalise). The
   distributed sampler comes from ``accelerator.prepare``.
 - ``device``: the whole uint8 set sits on the training device and augmentation is batched tensor ops there, sharded
-  per rank (see :mod:`cnnscale.device_loader`).
+  per rank (see :mod:`cnnscale.data.device`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from cnnscale.config import DataConfig, TrainConfig
 from cnnscale.errors import UserError
 
-__all__ = ["CIFAR_MEAN", "CIFAR_STD", "Splits", "ArraySet", "load_arrays", "build_datasets", "build_loaders", "build",
+__all__ = ["CIFAR_MEAN", "CIFAR_STD", "Splits", "ArraySet", "load_arrays", "build_datasets", "build_loaders",
            "train_transform", "eval_transform", "split_indices", "limit_indices"]
 
 # CIFAR-10 training-set channel statistics (the seed normalises with these).
@@ -254,22 +254,3 @@ def build_loaders(cfg: DataConfig, tcfg: TrainConfig, splits: Splits, world_size
     val = DataLoader(splits.val, batch_size=eval_bs, shuffle=False, **common) if splits.val is not None else None
     test = DataLoader(splits.test, batch_size=eval_bs, shuffle=False, **common)
     return train, val, test
-
-
-def build(cfg: Any, accelerator: Any) -> tuple[Any, Any, Any, int]:
-    """Prepared (train, val, test) loaders and the number of classes, for either loader kind.
-
-    The torch path's distributed sampler comes from ``accelerator.prepare``; the device path shards itself.
-    """
-    if cfg.data.loader == "device":
-        from cnnscale.device_loader import build_device_loaders
-
-        return build_device_loaders(cfg, accelerator)
-    splits = build_datasets(cfg.data, cfg.train.seed)
-    train, val, test = build_loaders(cfg.data, cfg.train, splits, accelerator.num_processes,
-                                     pin=accelerator.device.type == "cuda")
-    if val is None:
-        train, test = accelerator.prepare(train, test)
-    else:
-        train, val, test = accelerator.prepare(train, val, test)
-    return train, val, test, splits.num_classes

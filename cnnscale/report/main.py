@@ -1,13 +1,13 @@
 """``cnnscale report RUNS...``: run directories -> rows -> rich tables, PNG plots, HTML/SVG/CSV/JSON exports.
 
-Pure functions of the run records (read through :func:`cnnscale.records.find_runs` / ``load_run``), so a report can
+Pure functions of the run records (read through :func:`cnnscale.records.io.find_runs` / ``load_run``), so a report can
 be made anywhere the files are. The pipeline is ``load_records`` -> ``aggregate`` (flat dict rows, also the CSV/JSON
-rows) -> ``render`` (rich) and :mod:`cnnscale.plots`.
+rows) -> ``render`` (rich) and :mod:`cnnscale.report.plots`.
 
 Throughput is the run's ``img_per_s`` (images over time). Rows are grouped by model, precision, settings variant
 and per-worker batch (weak scaling; the global batch for strong scaling). Against the group's smallest world size
 N0: ``speedup = tput(N) / tput(N0)`` and ``efficiency = tput(N) · N0 / (N · tput(N0))`` (with N0 = 1, the
-textbook ``tput(N) / (N · tput(1))``). ``pred`` is the scaling model's efficiency (:mod:`cnnscale.scaling`) from
+textbook ``tput(N) / (N · tput(1))``). ``pred`` is the scaling model's efficiency (:mod:`cnnscale.scaling.model`) from
 N0's measured step time, the gradient bytes and the interconnect; ``err`` is pred - measured, in points.
 """
 
@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cnnscale import records, scaling
 from cnnscale.errors import UserError
+from cnnscale.records import io as records
+from cnnscale.scaling import model as scaling
 
 __all__ = ["load_records", "aggregate", "render", "main", "settings_label", "pick_interconnect", "find_fits",
            "COLUMNS"]
@@ -242,7 +243,7 @@ def render(rows: list[dict[str, Any]], console: Any, warnings: list[str] | None 
 
     ics = sorted({r["interconnect"] for r in rows if r["interconnect"]})
     caption = ("eff = img/s(N) x N0 / (N x img/s(N0)), N0 = smallest world size of the same model, precision, settings "
-               "and per-worker batch; pred = scaling model (cnnscale/scaling.py)"
+               "and per-worker batch; pred = scaling model (cnnscale/scaling/model.py)"
                + (f" on {', '.join(ics)}" if ics else "") + "; err = pred - eff in points; step ms = median step; "
                "loss = last logged training loss; acc = test accuracy"
                + ("; pred* = compute time at N taken from the compute_only run (N processes sharing the machine, no "
@@ -274,7 +275,7 @@ def render_memory(recs: list[records.RunRecord], console: Any) -> None:
     DDP runs of the same models are shown with them as the baseline)."""
     from rich.table import Table
 
-    from cnnscale.zero_memory import memory_rows
+    from cnnscale.scaling.memory import memory_rows
 
     rows = memory_rows(recs)
     zero_models = {r["model"] for r in rows if r["zero_stage"]}
@@ -282,7 +283,7 @@ def render_memory(recs: list[records.RunRecord], console: Any) -> None:
     if not rows:
         return
     table = Table(title="memory per rank by ZeRO stage", caption="measured: peak per rank (RSS on CPU, which includes "
-                  "~0.8 GB of framework; allocator peak on GPU); predicted: cnnscale/zero_memory.py",
+                  "~0.8 GB of framework; allocator peak on GPU); predicted: cnnscale/scaling/memory.py",
                   caption_justify="left")
     for col in ("model", "config", "N", "measured per rank", "predicted", "model states", "meas/pred"):
         table.add_column(col, justify="left" if col in ("model", "config") else "right")
@@ -338,7 +339,7 @@ def main(argv: list[str]) -> int:
     render(rows, console, warns)
     render_memory(recs, console)
     if args.predict:
-        from cnnscale.report_predict import predict_rows, render_predict
+        from cnnscale.report.predict import predict_rows, render_predict
 
         render_predict(predict_rows(recs, rows, args.interconnect, args.tflops, find_fits(args.runs, recs)), console)
     if args.html:
@@ -347,7 +348,7 @@ def main(argv: list[str]) -> int:
         records.atomic_write_text(args.svg, console.export_svg(title="cnnscale report", clear=False))
     _write_flat(rows, args.csv, args.json)
     if args.plots:
-        from cnnscale.plots import write_plots
+        from cnnscale.report.plots import write_plots
 
         for p in write_plots(rows, args.plots):
             print(f"wrote {p}", file=sys.stderr)

@@ -85,8 +85,8 @@ class _Setup:
 
     def __init__(self, cfg: Any, acc: Any) -> None:
         from cnnscale.models import create_model
-        from cnnscale.schedule import build_optimizer, build_scheduler
-        from cnnscale.train import ClassificationTask, apply_fast_path
+        from cnnscale.train.loop import ClassificationTask, apply_fast_path
+        from cnnscale.train.schedule import build_optimizer, build_scheduler
 
         apply_fast_path(cfg, acc.device)  # cudnn.benchmark and TF32 as in training (no-ops on CPU)
         torch.manual_seed(0)
@@ -102,7 +102,7 @@ class _Setup:
         self.sched = build_scheduler(cfg.sched, self.opt.optimizer, 1000, 1000)
 
     def profiler(self) -> Any:
-        from cnnscale.profiling import build_profiler
+        from cnnscale.profile.timer import build_profiler
 
         prof = build_profiler(True, self.acc.device, self.acc.num_processes, accelerator=self.acc, model=self.model,
                               cfg=self.cfg)
@@ -111,7 +111,7 @@ class _Setup:
 
     def train(self, batches: Iterable[Any], n: int, prof: Any) -> None:
         """``n`` optimiser steps of the cnnscale loop body (train_step, scheduler, profiler), cycling ``batches``."""
-        from cnnscale.train import train_step
+        from cnnscale.train.loop import train_step
 
         acc, cl = self.acc, self.cfg.fast.channels_last
         loss_sum, done = torch.zeros((), device=acc.device), 0
@@ -174,12 +174,12 @@ def measure_ratio(ours: Callable[[], float], theirs: Callable[[], float], rounds
 
 def bench_model(args: argparse.Namespace, acc: Any, name: str) -> tuple[dict[str, Any], _Setup]:
     """Warm-up, then ``args.steps`` profiled steps on synthetic data with the device loader: the table row."""
-    from cnnscale.device_loader import build_device_loaders
+    from cnnscale.data.device import build_device_loaders
 
     cfg = _cfg(args, name)
     setup = _Setup(cfg, acc)
     train = build_device_loaders(cfg, acc)[0]
-    from cnnscale.profiling import NullProfiler
+    from cnnscale.profile.timer import NullProfiler
 
     setup.train(train, args.warmup, NullProfiler()) if args.warmup else None
     prof = setup.profiler()
@@ -190,7 +190,7 @@ def bench_model(args: argparse.Namespace, acc: Any, name: str) -> tuple[dict[str
 
 
 def overhead_ratio(args: argparse.Namespace, setup: _Setup) -> dict[str, Any]:
-    from cnnscale.device_loader import build_device_loaders
+    from cnnscale.data.device import build_device_loaders
 
     dev = setup.acc.device
     batches = [b for b, _ in zip(build_device_loaders(setup.cfg, setup.acc)[0], range(8))]
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(list(argv or []))
     if args.threads:
         torch.set_num_threads(args.threads)
-    from cnnscale.train import build_accelerator
+    from cnnscale.train.loop import build_accelerator
 
     acc = build_accelerator(_cfg(args, args.model_list[0]))
     rows, ratios, setups = [], {}, {}
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         print("data and e2e ratios skipped: they need the real images (--data-dir DIR)")
     print_ratios(ratios)
     if args.json:
-        from cnnscale.records import write_json
+        from cnnscale.records.io import write_json
 
         write_json(args.json, results_doc(args, acc, rows, ratios))
     return 0
@@ -277,8 +277,8 @@ def _seed_step(model: Any, opt: Any, crit: Any, running: list[float]) -> Callabl
 
 def real_image_ratios(args: argparse.Namespace, acc: Any) -> dict[str, Any]:
     """The data-path and end-to-end ratios on the real images (LeNet-5 for e2e)."""
-    from cnnscale.data import build_datasets, build_loaders
-    from cnnscale.device_loader import build_device_loaders
+    from cnnscale.data.datasets import build_datasets, build_loaders
+    from cnnscale.data.device import build_device_loaders
 
     tcfg, dcfg = _real_cfgs(args)
     torch_train = build_loaders(tcfg.data, tcfg.train, build_datasets(tcfg.data, 0), 1, pin=False)[0]
@@ -378,7 +378,7 @@ def _device_name(device: torch.device) -> str:
 def results_doc(args: argparse.Namespace, acc: Any, rows: list[dict[str, Any]],
                 ratios: dict[str, Any]) -> dict[str, Any]:
     from cnnscale import __version__
-    from cnnscale.envinfo import git_sha
+    from cnnscale.records.env import git_sha
 
     opts = {k: v for k, v in vars(args).items() if k != "model_list"}
     return {"version": __version__, "git_sha": git_sha(), "device": _device_name(acc.device),

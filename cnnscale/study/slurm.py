@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cnnscale import records
 from cnnscale.errors import UserError
-from cnnscale.launcher import REPO, classify_failure
-from cnnscale.study import Point, _record, expand, is_done, point_args
-from cnnscale.study_spec import StudySpec
+from cnnscale.records import io as records
+from cnnscale.study.launcher import REPO, classify_failure
+from cnnscale.study.local import Point, _record, expand, is_done, point_args
+from cnnscale.study.spec import StudySpec
 
 __all__ = ["placement", "run_slurm_study", "sbatch_command", "queued"]
 

@@ -1,6 +1,6 @@
 """A study file, validated: :class:`StudySpec` from YAML, and the strong-scaling batch rule.
 
-See :mod:`cnnscale.study` for the file format. Every error names the file and, where there are any, the valid
+See :mod:`cnnscale.study.local` for the file format. Every error names the file and, where there are any, the valid
 choices; nothing here imports torch.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from cnnscale.config import load_yaml
 from cnnscale.errors import UserError
-from cnnscale.launcher import LAUNCHERS
+from cnnscale.study.launcher import LAUNCHERS
 
 __all__ = ["StudySpec", "ModelSpec", "load_spec", "parse_spec", "strong_batch", "SCALINGS", "SPEC_KEYS"]
 

@@ -6,8 +6,8 @@ A run directory holds::
     env.json        versions, devices, world_size, num_nodes, hostnames, SLURM ids, git sha, fast-path switches
     metrics.jsonl   one JSON object per log step; keys carry their unit (``loss``, ``lr``, ``img_per_s``, ``time_s``)
     summary.json    final figures; ``status`` is ``ok`` | ``failed`` | ``oom`` | ``timeout`` | ``running`` |
-                    ``preempted`` (checkpointed on a signal, resumable; see :mod:`cnnscale.preempt`)
-    checkpoints/    ``step_000100/`` ... written by ``accelerator.save_state`` (see :mod:`cnnscale.checkpoint`)
+                    ``preempted`` (checkpointed on a signal, resumable; see :mod:`cnnscale.train.preempt`)
+    checkpoints/    ``step_000100/`` ... written by ``accelerator.save_state`` (see :mod:`cnnscale.train.checkpoint`)
 
 Every file is written atomically (temp file in the same directory, fsync, rename), so a kill mid-write never leaves
 a half file that a reader could misread. ``metrics.jsonl`` is appended a line at a time; a torn last line is skipped

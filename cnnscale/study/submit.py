@@ -8,7 +8,7 @@ never through a shell string. The rendered copy is kept as ``RUNS/submitted/<job
 Why not submitit: submitit pickles a Python function and runs it as one srun task per process; here each node must
 run ``accelerate launch`` (which starts the processes), and preemption is a shell-level trap that forwards SIGUSR1
 and calls ``scontrol requeue``, with resume decided from the run directory. submitit's own checkpoint/requeue
-(``Checkpointable``) would duplicate :mod:`cnnscale.preempt` and hide the script users also run by hand
+(``Checkpointable``) would duplicate :mod:`cnnscale.train.preempt` and hide the script users also run by hand
 (``sbatch slurm/train.sbatch``). A plain script is reviewable, golden-tested, and adds no dependency.
 """
 
@@ -27,7 +27,7 @@ from cnnscale.errors import UserError
 
 __all__ = ["JobSpec", "render", "submit", "main", "BODY_MARKER", "TEMPLATE"]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "slurm" / "train.sbatch"
 BODY_MARKER = "# ---- cnnscale body:"
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")

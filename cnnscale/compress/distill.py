@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnscale.compress import load_run_model, run_overrides, split_section
+from cnnscale.compress.common import load_run_model, run_overrides, split_section
 from cnnscale.errors import UserError
 
 __all__ = ["DistillConfig", "DistillTask", "distillation_loss", "main", "DISTILL_RECORD"]
@@ -62,7 +62,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 class DistillTask:
-    """A training task (see :class:`cnnscale.train.ClassificationTask`) whose loss asks a frozen teacher."""
+    """A training task (see :class:`cnnscale.train.loop.ClassificationTask`) whose loss asks a frozen teacher."""
 
     def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9) -> None:
         self.teacher = teacher.eval().requires_grad_(False)
@@ -101,7 +101,7 @@ def _data_classes(cfg: Any) -> int | None:
 
 
 def _teacher_summary(run_dir: str) -> dict[str, Any]:
-    from cnnscale.records import read_json
+    from cnnscale.records.io import read_json
 
     p = Path(run_dir) / "summary.json"
     try:
@@ -122,8 +122,8 @@ def main(argv: list[str]) -> int:
         raise UserError("--teacher RUN_DIR is required (a run directory written by cnnscale train)")
     teacher, tcfg = load_run_model(dcfg.teacher, role="--teacher")
     cfg = _student_config(rest, tcfg)
-    from cnnscale.records import write_json
-    from cnnscale.train import Trainer
+    from cnnscale.records.io import write_json
+    from cnnscale.train.loop import Trainer
 
     trainer = Trainer(cfg, DistillTask(teacher, dcfg.temperature, dcfg.alpha))
     try:

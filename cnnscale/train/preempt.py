@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any
 
-from cnnscale import records
+from cnnscale.records import io as records
 
 __all__ = ["SignalGuard", "stop_run", "exit_code", "install_early", "watch_parent", "EXIT_PREEMPTED",
            "EXIT_INTERRUPTED", "HANDLED_SIGNALS"]

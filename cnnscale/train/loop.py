@@ -25,12 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnscale import checkpoint, ds_config, preempt, records, zero_memory
 from cnnscale.config import Config, config_to_dict, global_batch, load_config
 from cnnscale.errors import UserError, write_error
-from cnnscale.profiling import build_profiler
-from cnnscale.progress import make_progress
-from cnnscale.schedule import build_optimizer, build_scheduler
+from cnnscale.profile.timer import build_profiler
+from cnnscale.records import io as records
+from cnnscale.scaling import memory as zero_memory
+from cnnscale.train import checkpoint, preempt
+from cnnscale.train import deepspeed as ds_config
+from cnnscale.train.progress import make_progress
+from cnnscale.train.schedule import build_optimizer, build_scheduler
 
 __all__ = ["Task", "ClassificationTask", "Trainer", "build_accelerator", "apply_fast_path", "run", "main", "train_step",
            "evaluate", "prepare_inputs"]
@@ -180,7 +183,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, task: ClassificationTask | None = None, model: nn.Module | None = None) -> None:
         """``model``: train this module instead of a fresh ``create_model`` (a pruned model keeps its masks)."""
-        from cnnscale import data
+        from cnnscale.data import loaders as data
         from cnnscale.models import create_model
 
         self.cfg = cfg
@@ -244,7 +247,7 @@ class Trainer:
                  **ds_config.deepspeed_env(self.acc), **self.prof_env()}
         extra.update(zero_memory.memory_env(self.param_counts, extra["zero_stage"], self.world, self.cfg.optim,
                                             extra.get("mixed_precision", self.cfg.train.mixed_precision)))
-        from cnnscale.envinfo import collect_env
+        from cnnscale.records.env import collect_env
 
         records.write_json(self.run_dir / records.ENV, collect_env(self.acc, hosts, extra))
         summary = {"status": "running", "model": self.cfg.model.name, "world_size": self.world}

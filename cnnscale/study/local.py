@@ -41,10 +41,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cnnscale import records
 from cnnscale.errors import UserError
-from cnnscale.launcher import BACKENDS, REPO, Backend, build_command, free_port, point_env, port_in_use
-from cnnscale.study_spec import ModelSpec, StudySpec, load_spec, strong_batch
+from cnnscale.records import io as records
+from cnnscale.study.launcher import BACKENDS, REPO, Backend, build_command, free_port, point_env, port_in_use
+from cnnscale.study.spec import ModelSpec, StudySpec, load_spec, strong_batch
 
 __all__ = ["Point", "expand", "run_point", "run_study", "find_max_batch", "main", "StudySpec", "load_spec",
            "strong_batch"]
@@ -365,7 +365,7 @@ def main(argv: list[str]) -> int:
         return 0
     t0 = time.monotonic()
     if args.slurm is not None or args.backend == "slurm":
-        from cnnscale.study_slurm import run_slurm_study
+        from cnnscale.study.slurm import run_slurm_study
 
         results = run_slurm_study(spec, out, args.slurm or "")
     else:
@@ -373,7 +373,7 @@ def main(argv: list[str]) -> int:
     bad = sum(r.get("status") != "ok" for r in results)
     print(f"study {spec.name}: {len(results)} points, {bad} not ok, {time.monotonic() - t0:.0f} s -> {out}",
           file=sys.stderr)
-    from cnnscale import report
+    from cnnscale.report import main as report
 
     return report.main([str(out), "--plots", str(out / "plots")])
 

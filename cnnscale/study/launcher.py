@@ -28,7 +28,7 @@ from typing import Protocol
 __all__ = ["Outcome", "Backend", "LocalBackend", "BACKENDS", "build_command", "classify_failure", "free_port",
            "REPO", "LAUNCHERS", "point_env", "port_in_use"]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LAUNCHERS = ("accelerate", "torchrun")
 
 _OOM = ("CUDA out of memory", "OutOfMemoryError", "DefaultCPUAllocator: can't allocate memory",

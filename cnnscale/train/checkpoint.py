@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnscale.errors import UserError, write_error
-from cnnscale.records import atomic_write_text
+from cnnscale.records.io import atomic_write_text
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "TRAINER_STATE"]
 

@@ -95,8 +95,8 @@ def resolve_peak(device: torch.device, mixed_precision: str, tf32: bool = True,
 
 @functools.lru_cache(maxsize=32)
 def _flops(name: str, num_classes: int, width_mult: float | None, shape: tuple[int, ...]) -> float:
-    from cnnscale.flops import count_flops
     from cnnscale.models import create_model
+    from cnnscale.profile.flops import count_flops
 
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # model init must not consume the training RNG
         model = create_model(name, num_classes=num_classes, width_mult=width_mult)

@@ -1,0 +1,1 @@
+"""bench: see the modules of this package."""

@@ -1,0 +1,1 @@
+"""compress: see the modules of this package."""

@@ -1,0 +1,1 @@
+"""data: see the modules of this package."""

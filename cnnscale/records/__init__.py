@@ -1,0 +1,1 @@
+"""records: see the modules of this package."""

@@ -1,0 +1,1 @@
+"""scaling: see the modules of this package."""

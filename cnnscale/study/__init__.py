@@ -1,0 +1,1 @@
+"""study: see the modules of this package."""
