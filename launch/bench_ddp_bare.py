@@ -25,6 +25,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+from cnnscale.config import COMM_HOOKS  # noqa: E402
+from cnnscale.models import create_model  # noqa: E402
+from cnnscale.records.io import write_yaml  # noqa: E402
+from cnnscale.records.schema import Env, Summary, write_env, write_summary  # noqa: E402
+
 
 def _args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description="bare PyTorch DDP loop (efficiency baseline)")
@@ -36,17 +47,13 @@ def _args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dist.bucket_mb", dest="bucket_mb", type=int, default=25)
-    p.add_argument("--dist.comm_hook", dest="comm_hook", default="none", choices=("none", "fp16", "bf16"))
+    p.add_argument("--dist.comm_hook", dest="comm_hook", default="none", choices=COMM_HOOKS)
     return p.parse_known_args(argv)
 
 
-def _ddp(model, args):
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
+def _ddp(model: torch.nn.Module, args: argparse.Namespace) -> DDP:
     ddp = DDP(model, bucket_cap_mb=args.bucket_mb)
     if args.comm_hook != "none":
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
         hook = default_hooks.fp16_compress_hook if args.comm_hook == "fp16" else default_hooks.bf16_compress_hook
         ddp.register_comm_hook(None, hook)
     return ddp
@@ -54,13 +61,6 @@ def _ddp(model, args):
 
 def main(argv: list[str] | None = None) -> int:
     args, ignored = _args(argv)
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
-
-    from cnnscale.models import create_model
-    from cnnscale.records.io import write_json, write_yaml
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
@@ -88,26 +88,29 @@ def main(argv: list[str] | None = None) -> int:
             step_times.append(time.perf_counter() - t0)
     wall = time.perf_counter() - t_timed
     if rank == 0:
-        out = Path(args.out)
-        gb = args.micro_batch * args.grad_accum * world
-        write_yaml(out / "config.yaml", {"model": {"name": args.model}, "train": {
-            "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "max_steps": args.max_steps},
-            "dist": {"bucket_mb": args.bucket_mb, "comm_hook": args.comm_hook}, "runner": "bench_ddp_bare"})
-        write_json(out / "env.json", {"world_size": world, "num_nodes": 1, "hostnames": [socket.gethostname()],
-                                      "device_type": "cpu", "device_name": platform.machine(),
-                                      "torch_threads": torch.get_num_threads(), "runner": "bench_ddp_bare",
-                                      "backend": "gloo" if world > 1 else None})
-        write_json(out / "summary.json", {
-            "status": "ok", "model": args.model, "world_size": world, "micro_batch": args.micro_batch,
-            "grad_accum": args.grad_accum, "global_batch": gb, "mixed_precision": "no", "steps": args.max_steps,
-            "wall_s": wall, "img_per_s": gb * args.max_steps / wall, "compute_img_per_s": gb * args.max_steps / wall,
-            "step_ms_p50": statistics.median(step_times) * 1000, "runner": "bench_ddp_bare",
-            "params": sum(p.numel() for p in model.parameters()),
-            "ignored_args": ignored})
+        _write(Path(args.out), args, world, wall, step_times, sum(p.numel() for p in model.parameters()), ignored)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _write(out: Path, args: argparse.Namespace, world: int, wall: float, step_times: list[float], params: int,
+           ignored: list[str]) -> None:
+    """config.yaml, env.json and summary.json in cnnscale's schema, so the report shows this run beside others."""
+    gb = args.micro_batch * args.grad_accum * world
+    write_yaml(out / "config.yaml", {"model": {"name": args.model}, "train": {
+        "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "max_steps": args.max_steps},
+        "dist": {"bucket_mb": args.bucket_mb, "comm_hook": args.comm_hook}, "runner": "bench_ddp_bare"})
+    write_env(out, Env(world_size=world, num_nodes=1, hostnames=[socket.gethostname()], device_type="cpu",
+                       device_name=platform.machine(), torch_threads=torch.get_num_threads(), runner="bench_ddp_bare",
+                       backend="gloo" if world > 1 else None, model=args.model, params=params))
+    rate = gb * args.max_steps / wall
+    write_summary(out, Summary(
+        status="ok", model=args.model, world_size=world, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
+        global_batch=gb, mixed_precision="no", steps=args.max_steps, wall_s=wall, img_per_s=rate,
+        compute_img_per_s=rate, step_ms_p50=statistics.median(step_times) * 1000, runner="bench_ddp_bare",
+        params=params, ignored_args=ignored))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cnnscale.config import OPTIMIZERS  # noqa: E402
 from cnnscale.errors import UserError, run_cli  # noqa: E402
+from cnnscale.records.schema import read_env, read_summary  # noqa: E402
 
 CONFIGS = {"ddp": ("launch/accelerate/ddp.yaml", 0), **{f"zero{s}": (f"launch/accelerate/deepspeed_zero{s}.yaml", s)
                                                          for s in (1, 2, 3)}}
@@ -34,7 +39,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="bench_zero_memory.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="vgg16_classic")
     ap.add_argument("--baseline-model", default="lenet5", help="tiny model whose peak is subtracted ('' : none)")
-    ap.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd", "rmsprop"))
+    ap.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
     ap.add_argument("--precision", default="no", choices=("no", "bf16"))
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
@@ -65,13 +70,12 @@ def _launch(args: argparse.Namespace, name: str, model: str, port: int, out: Pat
     ext = Path(cache) / "torch_extensions" if cache else ROOT / ".torch_extensions"
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ext))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=args.timeout, capture_output=True, text=True, check=False)
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_summary(out).to_dict() if (out / "summary.json").is_file() else {}
     if proc.returncode != 0 or summary.get("status") != "ok":
         lines = (proc.stderr + proc.stdout).strip().splitlines()
         why = next((ln for ln in lines if "error:" in ln or "Error:" in ln), lines[-1] if lines else "no output")
         raise UserError(f"{name} run of {model} failed (exit {proc.returncode}): {why.strip()}")
-    env_json = json.loads((out / "env.json").read_text())
+    env_json = read_env(out).to_dict()
     if env_json.get("world_size") != args.num_processes:
         raise UserError(f"{name} ran at world size {env_json.get('world_size')}, not {args.num_processes}")
     return {"summary": summary, "env": env_json}
@@ -91,9 +95,6 @@ def _row(args: argparse.Namespace, name: str, big: dict, base: dict | None) -> d
 
 
 def _print(rows: list[dict], args: argparse.Namespace) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title=f"{args.model}, {args.optimizer}, precision {args.precision}, micro batch {args.micro_batch}, "
                     f"{args.num_processes} ranks: per-rank memory (GB)")
     for col in ("config", "peak RSS per rank", f"minus {args.baseline_model or 'nothing'}", "predicted total",

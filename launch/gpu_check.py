@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cnnscale.errors import UserError, run_cli  # noqa: E402
@@ -33,6 +36,7 @@ def nvml_check(out: Path, dry_run: bool, seconds: float = 3.0) -> dict[str, Any]
 
     Without a GPU (the dry run) the sampler must say "n/a" and report None, never crash or read zero.
     """
+    # lazy: torch costs ~8 s to import; find-data and summary, which the shell script also calls, do without it
     import torch
 
     from cnnscale.profile.nvml import NvmlSampler
@@ -92,7 +96,7 @@ def run_figures(run: Path) -> dict[str, Any]:
     """img/s overall and steady, and MFU from the run's own FLOP count and peak (env.json)."""
     summary, env = _read(run / "summary.json") or {}, _read(run / "env.json") or {}
     steady = _steady(run)
-    flops, peak, world = env.get("flops_per_img"), env.get("peak_tflops"), env.get("world_size") or 1
+    flops, peak, world = env.get("train_flops_per_img"), env.get("peak_tflops"), env.get("world_size") or 1
     mfu = steady * flops / (peak * 1e12 * world) if steady and flops and peak else None
     return {"run": str(run), "status": summary.get("status"), "steps": summary.get("steps"),
             "device": env.get("device_name"), "img_per_s_overall": summary.get("img_per_s"),
@@ -107,9 +111,7 @@ def _fmt(x: Any, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def _bench_table(bench: dict[str, Any]) -> Any:
-    from rich.table import Table
-
+def _bench_table(bench: dict[str, Any]) -> Table:
     t = Table(title="cnnscale bench, bf16 (img/s per device | MFU)")
     t.add_column("model")
     for name in bench:
@@ -144,8 +146,8 @@ def _goal_lines(goal_model: str, fast: dict[str, Any], dry_run: bool) -> tuple[l
 
 
 def summarise(out: Path, dry_run: bool, goal_model: str) -> int:
-    from rich.console import Console
-
+    """Print the bench table, the runs and the goal beside the measured figures; write OUT/gpu_check.json.
+    Returns 1 when a check failed (a missed goal is not a failure)."""
     console = Console(width=150)
     bench = {p.stem: _read(p) for p in sorted((out / "bench").glob("*.json"))}
     console.print(_bench_table(bench))

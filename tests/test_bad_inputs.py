@@ -223,6 +223,19 @@ CASES: dict[str, tuple[Callable[[Ctx], tuple[list[str], Path]], str]] = {
                            r"no such run directory: .*noruns"),
     "unknown-command": (lambda c: (["-m", "cnnscale", "trian"], c.tmp / "none"),
                         r"unknown command 'trian' \(choose from: models, train"),
+    # every command's flags go through the one parser: the same coercion and error style as the training flags
+    "report-flag-not-a-number": (lambda c: (["-m", "cnnscale", "report", d := empty_dir(c, "wruns"), "--width",
+                                             "lots"], Path(d)), r"--width: expected an integer, got 'lots'"),
+    "study-unknown-backend": (lambda c: (["-m", "cnnscale", "study", c.file("s4.yaml", "name: s4\nmodels: [lenet5]\n"),
+                                          "--backend", "nope", "--out", str(c.out("st4"))], c.out("st4")),
+                              r"--backend: unknown value 'nope' \(choose from: local, slurm\)"),
+    "study-wrong-type": (lambda c: (["-m", "cnnscale", "study", c.file(
+        "s5.yaml", "name: s5\nmodels: [lenet5]\nmax_steps: many\n"), "--out", str(c.out("st5"))], c.out("st5")),
+        r"s5\.yaml: max_steps: expected an integer, got 'many'"),
+    "models-unknown-flag": (lambda c: (["-m", "cnnscale", "models", "--famly", "vgg"], c.tmp / "none"),
+                            r"unknown option --famly \(valid: --models, --family, --json, --backward\)"),
+    "submit-flag-without-value": (lambda c: (["-m", "cnnscale", "submit", "--dry-run", "--nodes"], c.tmp / "none"),
+                                  r"--nodes needs a value"),
 }
 DEBUG_CASES = ["unknown-model", "yaml-syntax-error", "ckpt-truncated-weights"]
 
@@ -281,9 +294,9 @@ def results(ctx: Ctx) -> dict[str, Result]:
 
 @pytest.mark.parametrize("kind", list(CASES))
 def test_bad_input_is_one_line_exit_2_no_traceback_no_partial_dir(kind: str, results: dict[str, Result],
-                                                                   ctx: Ctx) -> None:
+                                                                   ctx: Ctx, skip_or_fail) -> None:
     if kind == "out-on-read-only-mount" and ctx.ro_dir is None:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root; CI runs as root)")
+        skip_or_fail("cannot mount a read-only tmpfs here (needs root; CI runs as root)")
     res = results[kind]
     lines = [ln for ln in res.proc.stderr.splitlines() if ln.strip()]
     print(f"{kind}: {lines}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnscale.bench.run import measure_ratio
+from cnnscale.bench.ratios import measure_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").is_dir() else sys.executable
@@ -43,6 +43,15 @@ def test_bench_bad_input_is_one_line_exit_2() -> None:
                               text=True, timeout=120)
         assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bench_help_lists_flags_with_defaults() -> None:
+    proc = subprocess.run([PY, "-m", "cnnscale", "bench", "--help"], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for text in ("--models", "lenet5,alexnet,vgg16,resnet18,mobilenet_v2", "--steps", "(default: 20)", "--ratios",
+                 "{overhead,data,e2e,all,none}", "--json"):
+        assert text in proc.stdout, (text, proc.stdout)
 
 
 def test_measure_ratio_alternates_and_takes_the_median() -> None:

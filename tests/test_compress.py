@@ -74,7 +74,7 @@ def test_distill_task_trains_student_only():
 def test_distill_two_processes(tmp_path, teacher):
     out = tmp_path / "student"
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", "29901", "-m", "cnnscale", "distill", "--teacher", str(teacher),
+           "--main_process_port", "30501", "-m", "cnnscale", "distill", "--teacher", str(teacher),
            "--distill.temperature", "3", "--distill.alpha", "0.8", "--model", "lenet5", "--max-steps", "4",
            "--micro-batch", "16", "--out", str(out), "--train.progress", "none", *SYN]
     run(cmd, timeout=600)
@@ -115,7 +115,7 @@ def test_prune_cli_finetunes_under_ddp(tmp_path, teacher):
     """Masks are set before accelerator.prepare wraps the model in DDP (2 processes) and hold through fine-tuning."""
     out = tmp_path / "pruned"
     run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--main_process_port", "29903", "-m", "cnnscale", "prune", str(teacher), "--amount", "0.5", "--include-linear",
+         "--main_process_port", "30503", "-m", "cnnscale", "prune", str(teacher), "--amount", "0.5", "--include-linear",
          "--finetune-epochs", "1", "--max-steps", "3", "--micro-batch", "16", "--out", str(out),
          "--train.progress", "none"], timeout=600)
     rec, summary = read_json(out / "prune.json"), read_json(out / "summary.json")
@@ -182,6 +182,21 @@ def test_bad_input_gives_one_line_error(tmp_path, teacher, capsys, argv, needle)
     assert cli.main([a.format(**paths) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command, own", [
+    ("distill", ["--teacher", "--distill.teacher", "--temperature", "--distill.alpha", "(default: 4.0)"]),
+    ("prune", ["RUN_DIR", "--amount", "--prune.amount", "--include-linear", "--finetune-epochs", "(default: 0.5)"]),
+    ("quantize", ["RUN_DIR", "--backend", "--quant.backend", "--calib-batches", "--repeats", "(default: x86)"]),
+])
+def test_help_lists_own_and_training_flags_with_defaults(capsys, command, own):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    missing = [flag for flag in [*own, "--max-steps", "--micro-batch", "--data.limit_test", "--config"]
+               if flag not in out]
+    assert missing == [], out
 
 
 def test_cli_error_as_subprocess_has_no_traceback(tmp_path):

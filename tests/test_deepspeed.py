@@ -23,7 +23,7 @@ from cnnscale.records.io import read_metrics
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
 pytest.importorskip("transformers", reason="Accelerate's DeepSpeed path needs transformers")
 
-PORTS = {"1": 29870, "2": 29871, "3": 29872, "3_offload": 29873, "mismatch": 29874, "resume": 29875}
+PORTS = {"1": 30141, "2": 30142, "3": 30143, "3_offload": 30144, "mismatch": 30145, "resume": 30146}
 LEARN = ["--model", "lenet5", "--data", "synthetic", "--data.synthetic_size", "64", "--data.val_size", "0",
          "--data.num_workers", "0", "--train.eval_every_epoch", "false", "--micro-batch", "32",
          "--optim.name", "adam", "--lr", "0.003", "--sched.name", "none", "--train.progress", "plain"]

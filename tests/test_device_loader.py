@@ -167,7 +167,7 @@ def test_two_ranks_shard_disjointly_and_eval_gathers_exactly_n(tmp_path: Path) -
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", "29701", str(script), str(result)]
+           "--main_process_port", "30131", str(script), str(result)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(result.read_text())

@@ -16,28 +16,32 @@ import torch
 from helpers import PY, REPO, cpu_env, read_json, run
 
 from cnnscale.config import load_config
-from cnnscale.train.loop import apply_fast_path, prepare_inputs
+from cnnscale.train.build import apply_fast_path
+from cnnscale.train.step import prepare_inputs
 
-# Builds a Trainer in a fresh process, looks inside it, trains, and prints what it saw as the last line.
+# Trains through the public run() in a fresh process, looks at what it returns (and at the loaders and autocast of
+# the same builders), and prints what it saw as the last line.
 INTROSPECT = """
 import json, sys, torch
 from cnnscale.config import load_config
-from cnnscale.train.loop import Trainer, prepare_inputs
+from cnnscale.data import loaders
+from cnnscale.train.build import build_accelerator
+from cnnscale.train.loop import run
+from cnnscale.train.step import prepare_inputs
 cfg = load_config(sys.argv[1:])
-t = Trainer(cfg)
-inner = t.acc.unwrap_model(t.model)
+result = run(cfg)
+acc = build_accelerator(cfg)  # the run's builder again, in the same process: same device, same mixed precision
+inner = result.model  # unwrapped from DDP, torch.compile's wrapper kept (as accelerator.unwrap_model does)
 conv = next(p for p in inner.parameters() if p.dim() == 4)
-x = prepare_inputs(torch.randn(2, 3, 32, 32, device=t.acc.device), cfg.fast.channels_last)
+x = prepare_inputs(torch.randn(2, 3, 32, 32, device=acc.device), cfg.fast.channels_last)
 first = next(m for m in inner.modules() if isinstance(m, torch.nn.Conv2d))
-with t.acc.autocast():
+with acc.autocast():
     y = first(x)  # the prepared model converts its outputs back to fp32; its layers run in bf16 under autocast
 seen = {"weight_channels_last": conv.is_contiguous(memory_format=torch.channels_last),
         "input_channels_last": x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
-        "compiled": type(t.model).__name__ == "OptimizedModule", "conv_out_dtype": str(y.dtype),
-        "loader": type(t.train_dl).__name__}
-summary = t.fit()
-t.acc.end_training()
-print(json.dumps({**seen, "status": summary["status"]}))
+        "compiled": type(result.model).__name__ == "OptimizedModule", "conv_out_dtype": str(y.dtype),
+        "loader": type(loaders.build(cfg, acc)[0]).__name__}
+print(json.dumps({**seen, "status": result.summary["status"]}))
 """
 
 TINY = ["--model", "lenet5", "--data", "synthetic", "--data.synthetic_size", "64", "--data.val_size", "0",
@@ -88,7 +92,7 @@ def test_gpu_switches_are_applied_on_a_cuda_device() -> None:
     try:
         for bench, tf32 in ((True, False), (False, True)):
             cfg = load_config(["--fast.cudnn_benchmark", str(bench).lower(), "--fast.tf32", str(tf32).lower()])
-            env = apply_fast_path(cfg, torch.device("cuda"))
+            env = apply_fast_path(cfg.fast, torch.device("cuda"))
             assert torch.backends.cudnn.benchmark is bench
             assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
             assert env["fast_path_applied"]["cudnn_benchmark"] is bench and env["fast_path_applied"]["tf32"] is tf32

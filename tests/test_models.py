@@ -249,3 +249,23 @@ def test_cli_help_does_not_import_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "models" in proc.stdout
+
+
+def test_cli_commands_point_straight_at_each_commands_main(capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each COMMANDS target is the ``main`` its module defines (no pass-through function), and each has argparse
+    help through the one parser: ``cnnscale NAME --help`` prints ``usage: cnnscale NAME`` and exits 0."""
+    from cnnscale import cli
+
+    monkeypatch.setenv("COLUMNS", "200")
+    for name, cmd in cli.COMMANDS.items():
+        module, _, func = cmd.target.partition(":")
+        fn = cli.command_main(name)
+        assert func == "main" and fn.__module__ == module and fn.__name__ == "main", (name, fn)
+        assert list(inspect.signature(fn).parameters) == ["argv"], name
+        with pytest.raises(SystemExit) as exc:
+            cli.main([name, "--help"])
+        assert exc.value.code == 0, name
+        assert " ".join(capsys.readouterr().out.split()).startswith(f"usage: cnnscale {name} "), name
+    with pytest.raises(UserError, match=r"unknown command 'trian' \(choose from: models, train, bench"):
+        cli.command_main("trian")

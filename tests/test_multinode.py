@@ -88,10 +88,10 @@ def test_two_machines_in_namespaces_match_one_process(tmp_path, netns_pair):
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-    summary = read_json(out / "summary.json")  # the run's own record decides success (see STACK-FACTS on aborts)
+    summary = read_json(out / "summary.json")
     assert summary["status"] == "ok", "\n".join(x[-3000:] for x in logs)
     for p, log in zip(procs, logs):
-        assert p.returncode == 0 or "terminate called without an active exception" in log, log[-3000:]
+        assert p.returncode == 0, log[-3000:]  # an abort at exit is a failure, not a message to match
     env = read_json(out / "env.json")
     assert env["world_size"] == 2 and env["distributed_type"] == "MULTI_CPU" and env["backend"] == "gloo"
     assert env["num_nodes"] == 2 and sorted(env["hostnames"]) == ["machine0", "machine1"]

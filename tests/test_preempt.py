@@ -127,7 +127,7 @@ def test_sigusr1_to_one_rank_stops_both_at_the_same_step(tmp_path):
     """Only rank 1 is signalled: the vote makes rank 0 stop at the same step and save with it (no hang)."""
     out = tmp_path / "ddp"
     proc = _start(train_cmd([*BASE, "--max-steps", "100000", "--micro-batch", "16", "--out", str(out)], nproc=2,
-                            port=29811))
+                            port=30111))
     try:
         _wait_for_step(proc, out / "metrics.jsonl", 3)
         _worker_with_rank(proc, "1").send_signal(signal.SIGUSR1)
@@ -142,7 +142,7 @@ def test_sigusr1_to_one_rank_stops_both_at_the_same_step(tmp_path):
     assert (ck / "random_states_0.pkl").is_file() and (ck / "random_states_1.pkl").is_file()
 
     run(train_cmd([*BASE, "--max-steps", str(k + 6), "--micro-batch", "16", "--out", str(out), "--resume"], nproc=2,
-                  port=29812), timeout=240)
+                  port=30112), timeout=240)
     summary = read_json(out / "summary.json")
     assert summary["status"] == "ok" and summary["steps"] == k + 6 and summary["world_size"] == 2
     assert _steps(out) == list(range(1, k + 7))

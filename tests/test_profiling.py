@@ -14,9 +14,11 @@ import torch
 
 from cnnscale.config import load_config
 from cnnscale.profile import nvml
-from cnnscale.profile.mfu import compute_dtype, lookup_peak, mfu, resolve_peak, train_flops_per_image
+from cnnscale.profile.mfu import compute_dtype, lookup_peak, mfu, resolve_peak
 from cnnscale.profile.nvml import NvmlSampler
-from cnnscale.profile.timer import NullProfiler, Profiler, build_profiler, percentile
+from cnnscale.profile.profiler import NullProfiler, Profiler, build_profiler, percentile
+from cnnscale.train.build import train_flops_per_image
+from cnnscale.train.loop import run
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").is_dir() else sys.executable
@@ -94,8 +96,10 @@ def test_warmup_steps_are_left_out_of_run_figures() -> None:
     assert s["img_per_s"] == pytest.approx(256 / 2.0)
     assert s["fwd_bwd_s"] == pytest.approx(1.2) and s["data_wait_s"] == pytest.approx(0.4)
     assert s["step_ms_p90"] == pytest.approx(500)
-    assert build_profiler(True, torch.device("cpu"), total_steps=3, cfg=load_config([])).warmup_steps == 0
-    assert build_profiler(True, torch.device("cpu"), total_steps=4, cfg=load_config([])).warmup_steps == 2
+    pcfg = load_config([]).profile
+    assert pcfg.enabled and pcfg.warmup_steps == 2
+    assert build_profiler(pcfg, torch.device("cpu"), total_steps=3).warmup_steps == 0
+    assert build_profiler(pcfg, torch.device("cpu"), total_steps=4).warmup_steps == 2
 
 
 def test_null_profiler_counts_images_over_wall_time() -> None:
@@ -109,7 +113,8 @@ def test_null_profiler_counts_images_over_wall_time() -> None:
     prof.stop()
     assert prof.summary() == {"images": 30, "train_time_s": pytest.approx(0.75), "img_per_s": pytest.approx(40)}
     assert prof.log_metrics() == {}
-    assert isinstance(build_profiler(False, torch.device("cpu")), NullProfiler)
+    off = load_config(["--profile.enabled", "false"]).profile
+    assert isinstance(build_profiler(off, torch.device("cpu")), NullProfiler)
 
 
 def test_percentile() -> None:
@@ -207,12 +212,9 @@ COMMON = ["--model", "lenet5", "--data", "synthetic", "--loader", "device", "--m
 
 
 def test_profiler_on_and_off_train_bitwise_identically(tmp_path: Path) -> None:
-    from cnnscale.config import load_config
-    from cnnscale.train.loop import run
-
     on = run(load_config([*COMMON, "--out", str(tmp_path / "on"), "--profile.enabled", "true",
-                          "--profile.trace_steps", "2"]))
-    off = run(load_config([*COMMON, "--out", str(tmp_path / "off"), "--profile.enabled", "false"]))
+                          "--profile.trace_steps", "2"])).summary
+    off = run(load_config([*COMMON, "--out", str(tmp_path / "off"), "--profile.enabled", "false"])).summary
     _assert_same_weights(tmp_path / "on", tmp_path / "off")
     assert on["final_loss"] == off["final_loss"]
     assert on["gflops_per_img"] == pytest.approx(3_204_720 / 1e9) and on["mfu"] > 0
@@ -235,8 +237,8 @@ def _launch(out: Path, port: int, extra: list[str]) -> None:
 
 @pytest.mark.timeout(560)
 def test_sync_probe_measures_sync_without_changing_two_rank_training(tmp_path: Path) -> None:
-    _launch(tmp_path / "probe", 29702, ["--profile.sync_probe_every", "1"])
-    _launch(tmp_path / "off", 29703, ["--profile.enabled", "false"])
+    _launch(tmp_path / "probe", 30121, ["--profile.sync_probe_every", "1"])
+    _launch(tmp_path / "off", 30122, ["--profile.enabled", "false"])
     _assert_same_weights(tmp_path / "probe", tmp_path / "off")
     s = json.loads((tmp_path / "probe" / "summary.json").read_text())
     assert s["world_size"] == 2

@@ -30,7 +30,7 @@ TRAIN = ["--model", "lenet5", "--data", "synthetic", "--data.synthetic_size", "2
 
 # ---------------------------------------------------------------------------------------------- no cluster needed
 def _golden_spec() -> JobSpec:
-    return JobSpec(root="/opt/cnnscale", python="/opt/cnnscale/.venv/bin/python", runs="/scratch/runs",
+    return JobSpec(python="/opt/cnnscale/.venv/bin/python", runs="/scratch/runs",
                    train_args=("--model", "resnet18", "--config", "/opt/cnnscale/configs/recipes/resnet18.yaml",
                                "--max-steps", "2000", "--lr", "0.1", "--train.progress", "plain"),
                    nodes=2, gpus_per_node=8, cpus_per_task=32, partition="gpu", account="proj123",
@@ -48,8 +48,9 @@ def test_rendered_sbatch_matches_golden():
 def test_scripts_parse_as_bash(tmp_path):
     rendered = tmp_path / "r.sbatch"
     rendered.write_text(render(_golden_spec()))
-    for script in (REPO / "slurm" / "train.sbatch", REPO / "slurm" / "local-cluster.sh", rendered):
-        subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+    for name in ("train.sbatch", "study.sbatch", "local-cluster.sh"):
+        subprocess.run(["bash", "-n", str(REPO / "slurm" / name)], check=True, timeout=30)
+    subprocess.run(["bash", "-n", str(rendered)], check=True, timeout=30)
 
 
 @pytest.mark.parametrize(("args", "needle"), [
@@ -140,8 +141,8 @@ def test_two_node_job_trains_on_both_nodes(cluster, tmp_path):
     t0 = time.monotonic()
     out = subprocess.run(
         ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--job-name=cns-2node",
-         f"--output={tmp_path}/%x-%j.out", f"--export=ALL,CNNSCALE_RUNS={tmp_path},CNNSCALE_ROOT={REPO},"
-         f"CNNSCALE_PYTHON={PY}", str(REPO / "slurm" / "train.sbatch"), *args],
+         f"--output={tmp_path}/%x-%j.out", f"--export=ALL,CNNSCALE_RUNS={tmp_path},CNNSCALE_PYTHON={PY}",
+         str(REPO / "slurm" / "train.sbatch"), *args],
         capture_output=True, text=True, timeout=60, cwd=REPO, check=True)
     job_id = out.stdout.strip().split(";")[0]
     log = tmp_path / f"cns-2node-{job_id}.out"
@@ -234,7 +235,9 @@ def test_study_runs_points_as_job_arrays_and_reports(cluster, tmp_path):
     for ws, hosts in ((1, 1), (2, 2)):
         run_dir = out / f"lenet5-ws{ws}-no-mb32"
         summary, env = read_json(run_dir / "summary.json"), read_json(run_dir / "env.json")
-        assert summary["status"] == "ok" and summary["world_size"] == ws and summary["point"]["study"] == "slurmtest"
+        point = read_json(run_dir / "point.json")
+        assert summary["status"] == "ok" and summary["world_size"] == ws and point["study"] == "slurmtest"
+        assert point["status"] == "ok" and point["backend"] == "slurm" and point["job_id"]
         assert env["num_nodes"] == hosts and "SLURM_ARRAY_JOB_ID" in env["slurm"]
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=cpu_env())
     assert again.returncode == 0 and "2 points, 2 done earlier" in again.stdout and "submitted" not in again.stdout

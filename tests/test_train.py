@@ -28,7 +28,7 @@ def single64(tmp_path_factory) -> Path:
 
 
 def test_ddp_two_processes_match_single_process(tmp_path, single64):
-    ddp = _train(tmp_path, "ddp", ["--max-steps", "20", "--micro-batch", "32"], nproc=2, port=29601)
+    ddp = _train(tmp_path, "ddp", ["--max-steps", "20", "--micro-batch", "32"], nproc=2, port=30101)
     env = read_json(ddp / "env.json")
     assert env["world_size"] == 2, "launcher silently ran with world size 1"
     assert env["distributed_type"] == "MULTI_CPU" and env["backend"] == "gloo"
@@ -38,7 +38,7 @@ def test_ddp_two_processes_match_single_process(tmp_path, single64):
 
 
 def test_torchrun_launch_also_gets_world_size_two(tmp_path):
-    out = _train(tmp_path, "tr", ["--max-steps", "4", "--micro-batch", "16"], nproc=2, port=29602,
+    out = _train(tmp_path, "tr", ["--max-steps", "4", "--micro-batch", "16"], nproc=2, port=30102,
                  launcher="torchrun")
     assert read_json(out / "env.json")["world_size"] == 2
     assert read_json(out / "summary.json")["global_batch"] == 32
@@ -63,7 +63,7 @@ def test_resume_continues_to_same_weights(tmp_path):
 
 
 def test_only_rank0_writes_records_and_report_renders(tmp_path):
-    out = _train(tmp_path, "recs", ["--max-steps", "10", "--micro-batch", "16"], nproc=2, port=29603)
+    out = _train(tmp_path, "recs", ["--max-steps", "10", "--micro-batch", "16"], nproc=2, port=30103)
     files = sorted(p.name for p in out.iterdir())
     assert files == ["checkpoints", "config.yaml", "env.json", "metrics.jsonl", "summary.json"]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -130,7 +130,7 @@ def test_compute_only_calibration_run_does_not_all_reduce(tmp_path, single64):
     """dist.compute_only skips the gradient all-reduce: the ranks train apart, so rank 0's weights leave the
     synchronised trajectory (which equals the 1-process run with the same global batch, see above)."""
     out = _train(tmp_path, "conly", ["--max-steps", "20", "--micro-batch", "32", "--dist.compute_only", "true"],
-                 nproc=2, port=29604)
+                 nproc=2, port=30104)
     assert read_json(out / "env.json")["world_size"] == 2
     assert read_json(out / "summary.json")["status"] == "ok"
     assert max_abs_diff(final_weights(out), final_weights(single64)) > 1e-4

@@ -4,8 +4,9 @@
 - :mod:`cnnscale.compress.prune`: global L1 unstructured pruning, optional fine-tuning through the same loop.
 - :mod:`cnnscale.compress.quantize`: post-training int8 quantisation (dynamic and static), size, latency, accuracy.
 
-Shared here: loading a trained model from a run directory (safetensors only, never pickle), splitting a command's own
-``--section.field`` flags from the training flags, and a plain test-set accuracy loop.
+Shared here: loading a trained model from a run directory (safetensors only, never pickle), the commands' parser (the
+training flags plus a command's own ``--section.field`` flags, through :mod:`cnnscale.config`'s one parser), and a
+plain test-set accuracy loop.
 
 A *source* is a run directory written by ``cnnscale train`` (``config.yaml`` + ``checkpoints/step_*/model.safetensors``)
 or by ``cnnscale prune`` / ``distill`` (a top-level ``model.safetensors`` is preferred when present).
@@ -14,17 +15,27 @@ or by ``cnnscale prune`` / ``distill`` (a top-level ``model.safetensors`` is pre
 from __future__ import annotations
 
 import dataclasses
-import typing
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader
 
+from cnnscale.config import CommandParser, Config, train_parser
+from cnnscale.data.datasets import build_datasets
 from cnnscale.errors import UserError
+from cnnscale.models import create_model
+from cnnscale.train.checkpoint import latest_checkpoint
 
 __all__ = [
-    "load_run_config", "load_run_model", "model_weights_path",
-    "clean_state_dict", "run_overrides", "split_section", "pop_source", "eval_accuracy", "eval_loader", "save_weights",
+    "load_run_config", "load_run_model", "model_weights_path", "clean_state_dict", "run_overrides", "command_parser",
+    "eval_accuracy", "eval_loader", "save_weights", "WEIGHTS",
 ]
 
 WEIGHTS = "model.safetensors"
@@ -50,8 +61,6 @@ def load_run_config(run_dir: str | Path, role: str = "source") -> dict[str, Any]
 
 def model_weights_path(run_dir: str | Path, role: str = "source") -> Path:
     """``RUN/model.safetensors`` if present, else the latest complete checkpoint's ``model.safetensors``."""
-    from cnnscale.train.checkpoint import latest_checkpoint
-
     run_dir = Path(run_dir)
     if (run_dir / WEIGHTS).is_file():
         return run_dir / WEIGHTS
@@ -76,13 +85,8 @@ def clean_state_dict(sd: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_run_model(run_dir: str | Path, role: str = "source") -> tuple[Any, dict[str, Any]]:
+def load_run_model(run_dir: str | Path, role: str = "source") -> tuple[nn.Module, dict[str, Any]]:
     """Build the run's model by name and load its weights (safetensors). Returns ``(model in eval mode, config)``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from cnnscale.models import create_model
-
     cfg = load_run_config(run_dir, role)
     weights = model_weights_path(run_dir, role)
     m = cfg["model"]
@@ -100,8 +104,6 @@ def load_run_model(run_dir: str | Path, role: str = "source") -> tuple[Any, dict
 
 def run_overrides(run_cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """A run's saved config as ``load_config`` overrides, keeping only sections and keys this version knows."""
-    from cnnscale.config import Config
-
     out = {}
     for f in dataclasses.fields(Config):
         known = {g.name for g in dataclasses.fields(type(getattr(Config(), f.name)))}
@@ -111,12 +113,8 @@ def run_overrides(run_cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def save_weights(model: Any, path: str | Path) -> Path:
+def save_weights(model: nn.Module, path: str | Path) -> Path:
     """Plain contiguous tensors to safetensors, atomically (temp file + rename)."""
-    import os
-
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -126,83 +124,31 @@ def save_weights(model: Any, path: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- flags
-def _coerce(key: str, text: str, tp: Any) -> Any:
-    if tp is str:
-        return text
-    value = yaml.safe_load(text) if text != "" else ""
-    if tp is bool and isinstance(value, bool):
-        return value
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    kind = {bool: "true/false", int: "an integer", float: "a number"}.get(tp, str(tp))
-    raise UserError(f"{key}: expected {kind}, got {text!r}")
-
-
-def split_section(argv: list[str], section: str, cls: type,
-                  short: dict[str, str] | None = None) -> tuple[Any, list[str]]:
-    """Take ``--section.field value`` (and the ``short`` aliases) out of ``argv`` into a ``cls`` instance.
-
-    Everything else is returned untouched, for :func:`cnnscale.config.load_config`. Boolean fields also take a bare
-    flag (``--prune.include-linear``).
-    """
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    short = short or {}
-    values: dict[str, Any] = {}
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        key, eq, inline = argv[i].partition("=")
-        field = short.get(key)
-        if field is None and key.startswith(f"--{section}."):
-            field = key[len(section) + 3:].replace("-", "_")
-            if field not in names:
-                raise UserError(f"unknown option {key} (valid: {', '.join(f'--{section}.{n}' for n in sorted(names))})")
-        if field is None:
-            rest.append(argv[i])
-            i += 1
-            continue
-        if eq:
-            text, i = inline, i + 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            text, i = argv[i + 1], i + 2
-        elif hints[field] is bool:
-            text, i = "true", i + 1
-        else:
-            raise UserError(f"{key} needs a value")
-        values[field] = _coerce(f"{section}.{field}", text, hints[field])
-    return cls(**values), rest
-
-
-def pop_source(argv: list[str]) -> tuple[str | None, list[str]]:
-    """The leading positional ``RUN_DIR`` of ``cnnscale prune|quantize RUN_DIR [flags]``, if there is one."""
-    if argv and not argv[0].startswith("--"):
-        return argv[0], argv[1:]
-    return None, argv
+def command_parser(prog: str, description: str, section: str, cls: type, aliases: dict[str, str],
+                   source: str | None = None) -> CommandParser:
+    """The training parser (``--config``, the short flags, every ``--section.field``) plus the command's own section
+    ``--{section}.field`` with its ``aliases``, and a positional ``RUN_DIR`` when ``source`` (its help) is given.
+    ``--help`` lists all of them with their help text and defaults."""
+    parser = train_parser(prog, description)
+    parser.add_section(section, cls, aliases=aliases)
+    if source is not None:
+        parser.add_argument("source", nargs="?", metavar="RUN_DIR", default=None, help=source)
+    return parser
 
 
 # --------------------------------------------------------------------------------------------- evaluation
-def eval_loader(cfg: Any, batch_size: int = 256, split: str = "test") -> Any:
+def eval_loader(cfg: Config, batch_size: int = 256, split: str = "test") -> DataLoader:
     """A plain (un-prepared) DataLoader over the run's ``test`` split, or its ``val`` split (held-out training images
     with eval transforms, used for calibration; the train split, augmented, when ``data.val_size`` is 0)."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from cnnscale.data import datasets as data
-
-    splits = data.build_datasets(cfg.data, cfg.train.seed)
+    splits = build_datasets(cfg.data, cfg.train.seed)
     ds = splits.test if split == "test" else (splits.val if splits.val is not None else splits.train)
     return DataLoader(ds, batch_size=batch_size, shuffle=split != "test", num_workers=0,
                       generator=torch.Generator().manual_seed(cfg.train.seed))
 
 
-def eval_accuracy(model: Any, loader: Any, device: Any = "cpu") -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy over ``loader``, in one process (no gather)."""
-    import torch
-    import torch.nn.functional as F
-
+def eval_accuracy(model: nn.Module, loader: Any, device: Any = "cpu") -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy over ``loader``, in one process (no gather). Cost: one ``.item()`` per
+    batch (a sync point), fine for a one-off evaluation."""
     was_training = getattr(model, "training", False)
     model.eval()
     correct, n, loss = 0, 0, 0.0

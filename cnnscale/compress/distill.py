@@ -24,8 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnscale.compress.common import load_run_model, run_overrides, split_section
+from cnnscale.compress.common import command_parser, load_run_model, run_overrides
+from cnnscale.config import CommandParser, Config, config_from_args
 from cnnscale.errors import UserError
+from cnnscale.models import get_model_builder
+from cnnscale.records.io import SUMMARY, read_json, write_json
+from cnnscale.train.loop import run
 
 __all__ = ["DistillConfig", "DistillTask", "distillation_loss", "main", "DISTILL_RECORD"]
 
@@ -34,6 +38,8 @@ DISTILL_RECORD = "distill.json"
 
 @dataclass(frozen=True)
 class DistillConfig:
+    """Distillation: the teacher run, the temperature and the weight of the soft targets"""
+
     teacher: str = ""
     """Run directory of the teacher (written by ``cnnscale train``)."""
     temperature: float = 4.0
@@ -62,7 +68,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 class DistillTask:
-    """A training task (see :class:`cnnscale.train.loop.ClassificationTask`) whose loss asks a frozen teacher."""
+    """A training task (see :class:`cnnscale.train.step.Task`) whose loss asks a frozen teacher."""
 
     def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9) -> None:
         self.teacher = teacher.eval().requires_grad_(False)
@@ -75,15 +81,15 @@ class DistillTask:
         student = model(images)
         with torch.no_grad():
             teacher = self.teacher(images)
+        if teacher.shape != student.shape:  # backstop of the check before training (shapes only: no sync)
+            raise UserError(f"teacher has {teacher.shape[-1]} classes but the student has {student.shape[-1]}")
         return distillation_loss(student, teacher, labels, self.temperature, self.alpha)
 
 
-def _student_config(rest: list[str], teacher_cfg: dict[str, Any]) -> Any:
-    from cnnscale.config import load_config
-    from cnnscale.models import get_model_builder
-
+def _student_config(parser: CommandParser, ns: Any, teacher_cfg: dict[str, Any]) -> Config:
+    """The student's config: the teacher's data section as the base, then ``--config`` and the training flags."""
     data = run_overrides(teacher_cfg).get("data")
-    cfg = load_config(rest, overrides={"data": data} if data else None)
+    cfg = config_from_args(ns, parser, overrides={"data": data} if data else None)
     get_model_builder(cfg.model.name)  # unknown student model: one line, before any data is read
     t_classes, s_classes = int(teacher_cfg["model"].get("num_classes", 10)), _data_classes(cfg)
     if s_classes is not None and t_classes != s_classes:
@@ -91,7 +97,7 @@ def _student_config(rest: list[str], teacher_cfg: dict[str, Any]) -> Any:
     return cfg
 
 
-def _data_classes(cfg: Any) -> int | None:
+def _data_classes(cfg: Config) -> int | None:
     """Classes of the student's data without reading it: 10 for CIFAR-10 and synthetic, the class folders of an
     ImageFolder tree (None when the directory is missing: the data loader reports that)."""
     if cfg.data.name != "imagefolder":
@@ -101,45 +107,37 @@ def _data_classes(cfg: Any) -> int | None:
 
 
 def _teacher_summary(run_dir: str) -> dict[str, Any]:
-    from cnnscale.records.io import read_json
-
-    p = Path(run_dir) / "summary.json"
+    p = Path(run_dir) / SUMMARY
     try:
         return read_json(p) if p.is_file() else {}
     except ValueError:
         return {}
 
 
+def _parser() -> CommandParser:
+    return command_parser("cnnscale distill", "Train a student from a teacher run (knowledge distillation) "
+                          "through the ordinary training loop; every training flag of cnnscale train applies.",
+                          "distill", DistillConfig, SHORT)
+
+
 def main(argv: list[str]) -> int:
-    """``cnnscale distill --teacher RUN_DIR [--temperature T] [--alpha A] [training flags]``."""
-    if "-h" in argv or "--help" in argv:
-        print("usage: cnnscale distill --teacher RUN_DIR [--temperature 4] [--alpha 0.9] [--model NAME] "
-              "[--config FILE] [training flags as for cnnscale train]\n"
-              "  also as --distill.teacher / --distill.temperature / --distill.alpha")
-        return 0
-    dcfg, rest = split_section(list(argv), "distill", DistillConfig, SHORT)
+    """``cnnscale distill --teacher RUN_DIR [--temperature T] [--alpha A] [training flags]``; ``--help`` lists all."""
+    parser = _parser()
+    ns = parser.parse_args(list(argv))
+    dcfg = parser.section(ns, "distill")
     if not dcfg.teacher:
         raise UserError("--teacher RUN_DIR is required (a run directory written by cnnscale train)")
     teacher, tcfg = load_run_model(dcfg.teacher, role="--teacher")
-    cfg = _student_config(rest, tcfg)
-    from cnnscale.records.io import write_json
-    from cnnscale.train.loop import Trainer
-
-    trainer = Trainer(cfg, DistillTask(teacher, dcfg.temperature, dcfg.alpha))
-    try:
-        t_classes, s_classes = int(tcfg["model"].get("num_classes", 10)), trainer.cfg.model.num_classes
-        if t_classes != s_classes:  # backstop: the Trainer has now read the data
-            raise UserError(f"teacher {dcfg.teacher} has {t_classes} classes but the student's data has {s_classes}")
-        summary = trainer.fit()
-    finally:
-        trainer.acc.end_training()
-    if trainer.acc.is_main_process:
+    cfg = _student_config(parser, ns, tcfg)
+    result = run(cfg, DistillTask(teacher, dcfg.temperature, dcfg.alpha))
+    summary = result.summary
+    if result.is_main:
         tsum = _teacher_summary(dcfg.teacher)
         record = {"teacher": str(dcfg.teacher), "teacher_model": tcfg["model"]["name"],
                   "teacher_test_acc": tsum.get("test_acc"), "temperature": dcfg.temperature, "alpha": dcfg.alpha,
                   "student_model": cfg.model.name, "student_test_acc": summary.get("test_acc"),
                   "world_size": summary.get("world_size")}
-        write_json(trainer.run_dir / DISTILL_RECORD, record)
+        write_json(result.run_dir / DISTILL_RECORD, record)
         print(f"distill: {record['teacher_model']} (test acc {record['teacher_test_acc']}) -> {cfg.model.name}: "
-              f"test acc {summary.get('test_acc')}, T={dcfg.temperature}, alpha={dcfg.alpha}, run {trainer.run_dir}")
+              f"test acc {summary.get('test_acc')}, T={dcfg.temperature}, alpha={dcfg.alpha}, run {result.run_dir}")
     return 0 if summary.get("status") == "ok" else 1

@@ -6,10 +6,10 @@
 2. ``prune.global_unstructured(..., L1Unstructured, amount)`` over every Conv2d weight (and Linear with
    ``--include-linear``): the ``amount`` fraction of those weights with the smallest |w|, ranked across all layers
    together, is masked. Layers therefore end up with different sparsities; the report gives each one.
-3. With ``--finetune-epochs N``: train N epochs through the ordinary Accelerate loop (:func:`cnnscale.train.loop.run`,
-   any world size). The masks are forward pre-hooks on the modules, applied before ``accelerator.prepare`` wraps the
-   model in DDP, so they hold during fine-tuning: masked weights stay exactly zero. The run's own config is the
-   base (its optimiser and schedule; pass ``--lr`` for a smaller fine-tuning rate).
+3. With ``--finetune-epochs N``: train N epochs through the ordinary Accelerate loop (:func:`cnnscale.train.loop.run`
+   with the masked model, any world size). The masks are forward pre-hooks on the modules, applied before
+   ``accelerator.prepare`` wraps the model in DDP, so they hold during fine-tuning: masked weights stay exactly zero.
+   The run's own config is the base (its optimiser and schedule; pass ``--lr`` for a smaller fine-tuning rate).
 4. ``prune.remove`` folds each mask into its weight; the result is an ordinary model, saved as
    ``OUT/model.safetensors`` with ``OUT/prune.json`` (sparsity per layer and overall, accuracy before/after).
 
@@ -29,15 +29,18 @@ from torch import nn
 from torch.nn.utils import prune
 
 from cnnscale.compress.common import (
+    WEIGHTS,
+    command_parser,
     eval_accuracy,
     eval_loader,
     load_run_model,
-    pop_source,
     run_overrides,
     save_weights,
-    split_section,
 )
+from cnnscale.config import CommandParser, Config, config_from_args, config_to_dict
 from cnnscale.errors import UserError
+from cnnscale.records import io as records
+from cnnscale.train.loop import run
 
 __all__ = ["PruneConfig", "prunable", "apply_global_l1", "make_permanent", "sparsity_report", "main", "PRUNE_RECORD"]
 
@@ -46,6 +49,8 @@ PRUNE_RECORD = "prune.json"
 
 @dataclass(frozen=True)
 class PruneConfig:
+    """Pruning: the fraction of weights to zero, which layers, and the fine-tuning after it"""
+
     amount: float = 0.5
     """Fraction of the prunable weights to zero, ranked by |w| across all of them; strictly between 0 and 1."""
     include_linear: bool = False
@@ -105,54 +110,45 @@ def sparsity_report(model: nn.Module, pruned: list[str]) -> dict[str, Any]:
             "model_sparsity": all_z / max(all_n, 1), "model_params": all_n}
 
 
-def _finetune_config(src: str, pcfg: PruneConfig, src_cfg: dict[str, Any], rest: list[str]) -> Any:
-    from cnnscale.config import load_config
-
+def _finetune_config(parser: CommandParser, ns: Any, pcfg: PruneConfig, src_cfg: dict[str, Any]) -> Config:
+    """The source run's config as the base (its optimiser and schedule), the fine-tuning length and a default
+    ``--out`` beside the source, then ``--config`` and the training flags."""
     base = run_overrides(src_cfg)
     tag = f"-prune{round(pcfg.amount * 100)}" + (f"-ft{pcfg.finetune_epochs}" if pcfg.finetune_epochs else "")
     base["train"] = {**base.get("train", {}), "epochs": max(pcfg.finetune_epochs, 1), "max_steps": 0,
-                     "out": str(Path(src)) + tag, "resume": ""}
-    return load_config(rest, overrides=base)
+                     "out": str(Path(ns.source)) + tag, "resume": ""}
+    return config_from_args(ns, parser, overrides=base)
 
 
-def _finetune(cfg: Any, model: nn.Module) -> tuple[nn.Module, dict[str, Any], bool]:
-    from cnnscale.train.loop import Trainer
-
-    trainer = Trainer(cfg, model=model)
-    try:
-        summary = trainer.fit()
-        model = trainer.acc.unwrap_model(trainer.model)
-        return model, summary, trainer.acc.is_main_process
-    finally:
-        trainer.acc.end_training()
+def _parser() -> CommandParser:
+    return command_parser("cnnscale prune", "Global L1 unstructured pruning of a trained run, optional fine-tuning "
+                          "through the training loop (any training flag applies), then permanent removal of the masks.",
+                          "prune", PruneConfig, SHORT, source="the trained run directory (written by cnnscale train)")
 
 
 def main(argv: list[str]) -> int:
     """``cnnscale prune RUN_DIR [--amount A] [--include-linear] [--finetune-epochs N] [--out DIR] [flags]``."""
-    if "-h" in argv or "--help" in argv:
-        print("usage: cnnscale prune RUN_DIR [--amount 0.5] [--include-linear] [--finetune-epochs N] [--out DIR] "
-              "[--lr X] [--data-dir DIR] [training flags]\n  also as --prune.amount / --prune.include_linear / "
-              "--prune.finetune_epochs; amount is a fraction strictly between 0 and 1")
-        return 0
-    src, argv = pop_source(list(argv))
-    pcfg, rest = split_section(argv, "prune", PruneConfig, SHORT)
-    if src is None:
+    parser = _parser()
+    ns = parser.parse_args(list(argv))
+    pcfg = parser.section(ns, "prune")
+    if ns.source is None:
         raise UserError("RUN_DIR is required: cnnscale prune RUN_DIR --amount 0.5")
-    model, src_cfg = load_run_model(src)
-    cfg = _finetune_config(src, pcfg, src_cfg, rest)
+    model, src_cfg = load_run_model(ns.source)
+    cfg = _finetune_config(parser, ns, pcfg, src_cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = eval_loader(cfg)
     before = eval_accuracy(model.to(device), loader, device)
     names = apply_global_l1(model, pcfg.amount, pcfg.include_linear)
     pruned = eval_accuracy(model, loader, device)
-    record: dict[str, Any] = {"source": str(src), "model": cfg.model.name, "amount": pcfg.amount,
+    record: dict[str, Any] = {"source": str(ns.source), "model": cfg.model.name, "amount": pcfg.amount,
                               "include_linear": pcfg.include_linear, "finetune_epochs": pcfg.finetune_epochs,
                               "layers_pruned": len(names), "test_acc_before": before["acc"],
                               "test_acc_pruned": pruned["acc"]}
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if pcfg.finetune_epochs:
-        model, summary, is_main = _finetune(cfg, model)
-        record["finetune_summary_test_acc"] = summary.get("test_acc")
+    if pcfg.finetune_epochs:  # the masks are forward pre-hooks, set before run() prepares (wraps) the model
+        result = run(cfg, model=model)
+        model, is_main = result.model, result.is_main
+        record["finetune_summary_test_acc"] = result.summary.get("test_acc")
     make_permanent(model)
     model = model.to(device)
     after = eval_accuracy(model, loader, device) if pcfg.finetune_epochs else pruned
@@ -163,12 +159,9 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _write(out: Path, model: nn.Module, record: dict[str, Any], cfg: Any, write_config: bool) -> None:
-    from cnnscale.config import config_to_dict
-    from cnnscale.records import io as records
-
+def _write(out: Path, model: nn.Module, record: dict[str, Any], cfg: Config, write_config: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    save_weights(model, out / "model.safetensors")
+    save_weights(model, out / WEIGHTS)
     if write_config:
         records.write_yaml(out / records.CONFIG, config_to_dict(cfg))
     records.write_json(out / PRUNE_RECORD, record)

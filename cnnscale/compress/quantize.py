@@ -35,16 +35,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.ao.quantization import get_default_qconfig_mapping
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-from cnnscale.compress.common import (
-    eval_accuracy,
-    eval_loader,
-    load_run_model,
-    pop_source,
-    run_overrides,
-    split_section,
-)
+from cnnscale.compress.common import command_parser, eval_accuracy, eval_loader, load_run_model, run_overrides
+from cnnscale.config import CommandParser, Config, config_from_args
 from cnnscale.errors import UserError
+from cnnscale.models import create_model
+from cnnscale.records.io import write_json
 
 __all__ = ["QuantConfig", "quantize_dynamic_seed", "quantize_static_fx", "module_counts", "size_on_disk",
            "latency_ms", "main", "QUANT_RECORD"]
@@ -54,6 +52,8 @@ QUANT_RECORD = "quantize.json"
 
 @dataclass(frozen=True)
 class QuantConfig:
+    """Quantisation: the int8 engine and how the variants are measured"""
+
     backend: str = "x86"
     """Quantised engine: x86 or fbgemm (server CPUs), qnnpack (ARM), onednn; as this PyTorch build supports."""
     batch: int = 64
@@ -90,9 +90,6 @@ def quantize_dynamic_seed(model: nn.Module) -> nn.Module:
 
 def quantize_static_fx(model: nn.Module, calib: Any, batches: int, backend: str = "x86") -> nn.Module:
     """Static int8 (weights and activations) by FX graph mode, with ``batches`` calibration batches from ``calib``."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
     torch.backends.quantized.engine = backend
     it = iter(calib)
     first = next(it)[0]
@@ -144,17 +141,15 @@ def latency_ms(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warm
     return out
 
 
-def _source(src: str | None, rest: list[str]) -> tuple[nn.Module, Any, bool, str]:
+def _source(parser: CommandParser, ns: Any) -> tuple[nn.Module, Config, bool, str]:
     """(float model, config, trained?, default out dir) from a run directory or ``--model NAME``."""
-    from cnnscale.config import load_config
-    from cnnscale.models import create_model
-
-    if src is not None:
-        model, src_cfg = load_run_model(src)
-        return model, load_config(rest, overrides=run_overrides(src_cfg)), True, str(Path(src)) + "-int8"
-    if not any(a.split("=")[0] in ("--model", "--model.name") for a in rest):
+    if ns.source is not None:
+        model, src_cfg = load_run_model(ns.source)
+        cfg = config_from_args(ns, parser, overrides=run_overrides(src_cfg))
+        return model, cfg, True, str(Path(ns.source)) + "-int8"
+    if "name" not in parser.given(ns, "model"):
         raise UserError("give a trained RUN_DIR, or --model NAME for an untrained model (size and latency only)")
-    cfg = load_config(rest, overrides={"data": {"name": "synthetic", "num_workers": 0}})
+    cfg = config_from_args(ns, parser, overrides={"data": {"name": "synthetic", "num_workers": 0}})
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, width_mult=cfg.model.width_mult)
     return model.eval(), cfg, False, f"runs/quantize-{cfg.model.name}"
@@ -176,35 +171,42 @@ def _measure(variants: dict[str, nn.Module], qcfg: QuantConfig, x: torch.Tensor,
     return rows
 
 
-def main(argv: list[str]) -> int:
-    """``cnnscale quantize RUN_DIR | --model NAME [--backend x86] [--batch 64] [--repeats 20] [--out DIR]``."""
-    if "-h" in argv or "--help" in argv:
-        print("usage: cnnscale quantize RUN_DIR | --model NAME [--backend x86] [--batch 64] [--repeats 20] "
-              "[--warmup 3] [--calib-batches 8] [--threads N] [--out DIR] [--data.limit_test N] [data flags]\n"
-              "  also as --quant.FIELD; accuracy only for a trained RUN_DIR")
-        return 0
-    src, argv = pop_source(list(argv))
-    qcfg, rest = split_section(argv, "quant", QuantConfig, SHORT)
-    model, cfg, trained, default_out = _source(src, rest)
-    out = Path(cfg.train.out or default_out)
-    if qcfg.threads:
-        torch.set_num_threads(qcfg.threads)
-    calib = eval_loader(cfg, batch_size=qcfg.batch, split="calib")
-    x = next(iter(calib))[0]
+def _parser() -> CommandParser:
+    return command_parser("cnnscale quantize", "Post-training int8 quantisation on CPU (the seed's dynamic recipe and "
+                          "static FX): size, latency, accuracy and output difference, side by side. Accuracy only for "
+                          "a trained RUN_DIR; data flags (--data.limit_test N, ...) apply.", "quant", QuantConfig,
+                          SHORT, source="a trained run directory (or give --model NAME for an untrained model)")
+
+
+def _variants(model: nn.Module, calib: Any, qcfg: QuantConfig) -> tuple[dict[str, nn.Module], bool]:
+    """float, dynamic and static variants; and whether torch.ao warned that it is deprecated (for torchao)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         variants = {"float": model, "dynamic": quantize_dynamic_seed(model),
                     "static": quantize_static_fx(model, calib, qcfg.calib_batches, qcfg.backend)}
     deprecated = any(issubclass(w.category, DeprecationWarning) and "torchao" in str(w.message) for w in caught)
+    return variants, deprecated
+
+
+def main(argv: list[str]) -> int:
+    """``cnnscale quantize RUN_DIR | --model NAME [--backend x86] [--batch 64] [--repeats 20] [--out DIR]``."""
+    parser = _parser()
+    ns = parser.parse_args(list(argv))
+    qcfg = parser.section(ns, "quant")
+    model, cfg, trained, default_out = _source(parser, ns)
+    out = Path(cfg.train.out or default_out)
+    if qcfg.threads:
+        torch.set_num_threads(qcfg.threads)
+    calib = eval_loader(cfg, batch_size=qcfg.batch, split="calib")
+    x = next(iter(calib))[0]
+    variants, deprecated = _variants(model, calib, qcfg)
     test = eval_loader(cfg) if trained else None
     rows = _measure(variants, qcfg, x, out, test)
-    record = {"source": src, "model": cfg.model.name, "trained": trained, "backend": qcfg.backend,
+    record = {"source": ns.source, "model": cfg.model.name, "trained": trained, "backend": qcfg.backend,
               "batch": x.shape[0], "threads": torch.get_num_threads(), "repeats": qcfg.repeats,
               "calib_batches": qcfg.calib_batches, "torch": torch.__version__,
               "torch_ao_deprecation_warning": deprecated, "variants": rows,
               "test_images": len(test.dataset) if test is not None else 0}
-    from cnnscale.records.io import write_json
-
     write_json(out / QUANT_RECORD, record)
     _print(record, out)
     return 0

@@ -1,1 +1,3 @@
 """data: see the modules of this package."""
+
+__all__: list[str] = []

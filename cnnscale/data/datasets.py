@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from cnnscale.config import DataConfig, TrainConfig
@@ -36,14 +37,14 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
 def train_transform(augment: bool = True) -> Any:
-    import torchvision.transforms as T
+    import torchvision.transforms as T  # lazy: torchvision costs ~3.5 s (it loads torch._dynamo); synthetic skips it
 
     aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
     return T.Compose([*aug, T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
 
 
 def eval_transform() -> Any:
-    import torchvision.transforms as T
+    import torchvision.transforms as T  # lazy, see train_transform
 
     return T.Compose([T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
 
@@ -124,7 +125,7 @@ def _synthetic(cfg: DataConfig, seed: int, train: bool) -> ArraySet:
 
 
 def _cifar10(cfg: DataConfig, train: bool, transform: Any = None) -> Any:
-    import torchvision
+    import torchvision  # lazy, see train_transform
 
     try:
         return torchvision.datasets.CIFAR10(cfg.data_dir, train=train, download=cfg.download, transform=transform)
@@ -148,7 +149,7 @@ def _imagefolder_root(cfg: DataConfig, split: str) -> Path:
 
 
 def _imagefolder(cfg: DataConfig, split: str, transform: Any = None) -> Any:
-    import torchvision
+    import torchvision  # lazy, see train_transform
 
     root = _imagefolder_root(cfg, split)
     try:
@@ -158,8 +159,6 @@ def _imagefolder(cfg: DataConfig, split: str, transform: Any = None) -> Any:
 
 
 def _decode_folder(ds: Any) -> ArraySet:
-    from PIL import Image
-
     xs = np.empty((len(ds.samples), 32, 32, 3), dtype=np.uint8)
     for i, (p, _) in enumerate(ds.samples):
         with Image.open(p) as im:

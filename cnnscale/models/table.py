@@ -2,16 +2,25 @@
 
 Counts are measured, not quoted: each model is built on the ``meta`` device (no memory, no init cost) and run
 once under FlopCounterMode (:mod:`cnnscale.profile.flops`). Where the seed's table has a row for a model, its
-numbers are shown next to ours with a note saying why they differ, so a mismatch
-is visible rather than silently corrected.
+numbers are shown next to ours with a note saying why they differ, so a mismatch is visible rather than silently
+corrected.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from typing import Any
+
+import torch
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from cnnscale.config.argv import CommandParser
+from cnnscale.errors import UserError, choices_error
+from cnnscale.models._registry import create_model, list_models, model_family
+from cnnscale.profile.flops import count_flops
 
 __all__ = ["main", "measure", "render", "SeedClaim", "SEED_CLAIMS", "FOOTNOTE"]
 
@@ -77,11 +86,6 @@ def measure(names: list[str], backward: bool = False) -> list[dict[str, Any]]:
 
     ``backward=True`` adds ``fwd_bwd_flops`` (forward + backward, about 3x forward; doubles the time taken).
     """
-    import torch
-
-    from cnnscale.models import create_model, model_family
-    from cnnscale.profile.flops import count_flops
-
     rows = []
     for name in names:
         with torch.device("meta"):  # shapes only: no memory, no init time, same op counts
@@ -122,9 +126,6 @@ def render(rows: list[dict[str, Any]], console: Any) -> None:
 
     Narrow enough for 80 columns: the reasons for each difference from the seed go in the footnotes.
     """
-    from rich import box
-    from rich.table import Table
-
     backward = any("fwd_bwd_flops" in row for row in rows)
     table = Table(title="cnnscale models: CIFAR-10, per 32x32 image", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("model", no_wrap=True)
@@ -154,9 +155,6 @@ def render(rows: list[dict[str, Any]], console: Any) -> None:
 
 
 def _select(models: str | None, family: str | None) -> list[str]:
-    from cnnscale.errors import UserError, choices_error
-    from cnnscale.models import list_models, model_family
-
     names = list_models()
     if models:
         wanted = [m.strip() for m in models.split(",") if m.strip()]
@@ -175,8 +173,9 @@ def _select(models: str | None, family: str | None) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="cnnscale models",
+    """``cnnscale models [--models A,B] [--family F] [--json] [--backward]``."""
+    parser = CommandParser(
+        "cnnscale models",
         description="List the model zoo: params, MACs and FLOPs per 32x32 image, the seed's claims beside them.",
     )
     parser.add_argument("--models", help="comma-separated model names (default: all)")
@@ -189,7 +188,5 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.console import Console
-
     render(rows, Console())
     return 0

@@ -1,1 +1,3 @@
 """profile: see the modules of this package."""
+
+__all__: list[str] = []

@@ -17,10 +17,11 @@ Nothing is cached: memoise per (model name, input shape) in the caller if needed
 from __future__ import annotations
 
 from math import prod
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from torch import nn
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["count_flops", "conv_backward_flops"]
 
@@ -60,9 +61,6 @@ def count_flops(
     computed, as in training); roughly 3x forward. The model is run in eval mode (dropout off, BatchNorm
     statistics untouched) and its mode is restored; its ``.grad`` fields are not touched.
     """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     mapping = {torch.ops.aten.convolution_backward: conv_backward_flops}
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")

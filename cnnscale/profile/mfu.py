@@ -15,12 +15,13 @@ from __future__ import annotations
 import functools
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["PEAK_TFLOPS", "lookup_peak", "compute_dtype", "measure_cpu_peak", "resolve_peak", "train_flops_per_image",
-           "mfu", "mfu_setup"]
+__all__ = ["PEAK_TFLOPS", "lookup_peak", "compute_dtype", "measure_cpu_peak", "resolve_peak", "mfu", "MfuInputs",
+           "mfu_setup"]
 
 # (pattern on the device name, label) -> {dtype: dense TFLOP/s}. First match wins, so specific names come first.
 PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
@@ -93,22 +94,6 @@ def resolve_peak(device: torch.device, mixed_precision: str, tf32: bool = True,
     return None, None
 
 
-@functools.lru_cache(maxsize=32)
-def _flops(name: str, num_classes: int, width_mult: float | None, shape: tuple[int, ...]) -> float:
-    from cnnscale.models import create_model
-    from cnnscale.profile.flops import count_flops
-
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # model init must not consume the training RNG
-        model = create_model(name, num_classes=num_classes, width_mult=width_mult)
-    return count_flops(model, input_shape=shape, backward=True)["fwd_bwd_flops"]
-
-
-def train_flops_per_image(name: str, num_classes: int = 10, width_mult: float | None = None,
-                          image_shape: tuple[int, int, int] = (3, 32, 32)) -> float:
-    """Forward+backward FLOPs of one training image, counted by FlopCounterMode on a meta-device copy (cached)."""
-    return _flops(name, num_classes, width_mult, (1, *image_shape))
-
-
 def mfu(flops_per_image: float | None, img_per_s_per_device: float | None,
         peak_tflops: float | None) -> dict[str, Any]:
     """``gflops_per_img``, ``achieved_tflops`` (per device) and ``mfu``; None wherever an input is missing."""
@@ -119,16 +104,28 @@ def mfu(flops_per_image: float | None, img_per_s_per_device: float | None,
     return {"gflops_per_img": gflops, "achieved_tflops": achieved, "mfu": ratio}
 
 
-def mfu_setup(device: torch.device, cfg: Any) -> dict[str, Any]:
-    """FLOPs per training image and the peak to compare with, for a run config; a counting failure is recorded
-    (``flops_error``), not raised: MFU is then n/a and training goes on."""
-    out: dict[str, Any] = {"flops_per_img": None, "peak_tflops": None, "peak_source": None}
-    if cfg is None:
+@dataclass(frozen=True)
+class MfuInputs:
+    """What MFU needs to know of a run: its training FLOPs per image and the dtype its matmuls run in."""
+
+    flops_per_img: float | None = None
+    """Forward+backward FLOPs of one training image (None: not counted, MFU is n/a)."""
+    mixed_precision: str = "no"
+    """train.mixed_precision: no, fp16 or bf16."""
+    tf32: bool = True
+    """fast.tf32: fp32 matmuls on Ampere+ run in TF32 and are compared with the TF32 peak."""
+    flops_error: str | None = None
+    """Why the FLOPs could not be counted (an exotic model the counter cannot trace), recorded in env.json."""
+
+
+def mfu_setup(device: torch.device, inputs: MfuInputs | None, peak_override: float = 0.0) -> dict[str, Any]:
+    """FLOPs per training image and the peak to compare with (the CPU peak is measured here: ~0.5 s, cached);
+    without ``inputs`` every figure is None."""
+    out: dict[str, Any] = {"train_flops_per_img": None, "peak_tflops": None, "peak_source": None}
+    if inputs is None:
         return out
-    try:
-        out["flops_per_img"] = train_flops_per_image(cfg.model.name, cfg.model.num_classes, cfg.model.width_mult)
-    except Exception as exc:  # an exotic model the counter cannot trace
-        out["flops_error"] = f"{type(exc).__name__}: {exc}"
-    out["peak_tflops"], out["peak_source"] = resolve_peak(device, cfg.train.mixed_precision, cfg.fast.tf32,
-                                                          cfg.profile.peak_tflops)
+    out["train_flops_per_img"] = inputs.flops_per_img
+    if inputs.flops_error:
+        out["flops_error"] = inputs.flops_error
+    out["peak_tflops"], out["peak_source"] = resolve_peak(device, inputs.mixed_precision, inputs.tf32, peak_override)
     return out

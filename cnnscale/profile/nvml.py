@@ -13,6 +13,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 __all__ = ["GpuStats", "NvmlSampler", "nvml_handles"]
 
 
@@ -53,7 +55,7 @@ class GpuStats:
 
 def _call(fn: Any, *args: Any) -> Any:
     """One NVML query; a query the device does not support gives None."""
-    import pynvml
+    import pynvml  # optional dependency (nvidia-ml-py): imported only where a GPU is being sampled
 
     try:
         return fn(*args)
@@ -70,15 +72,13 @@ def nvml_handles(device_indices: list[int]) -> tuple[list[Any], str]:
     if not device_indices:
         return [], "n/a: no CUDA device"
     try:
-        import pynvml
+        import pynvml  # optional dependency: its absence is reported as "n/a", not an import error
 
         pynvml.nvmlInit()
     except ImportError:
         return [], "n/a: nvidia-ml-py not installed"
     except Exception as exc:  # pynvml.NVMLError_LibraryNotFound and friends: no driver here
         return [], f"n/a: {type(exc).__name__}: {exc}"
-    import torch
-
     handles = []
     for i in device_indices:
         uuid = getattr(torch.cuda.get_device_properties(i), "uuid", None)
@@ -115,8 +115,6 @@ class NvmlSampler:
         """A sampler of a torch device: its GPU, or an empty one ("n/a") for anything else."""
         if device.type != "cuda":
             return cls([], hz, status="n/a: no CUDA device")
-        import torch
-
         return cls.for_devices([device.index if device.index is not None else torch.cuda.current_device()], hz)
 
     @property
@@ -180,7 +178,7 @@ class NvmlSampler:
 
 
 def _nvml_sample(handle: Any) -> tuple[float | None, int | None, float | None]:
-    import pynvml
+    import pynvml  # optional dependency, see nvml_handles
 
     util = _call(pynvml.nvmlDeviceGetUtilizationRates, handle)
     mem = _call(pynvml.nvmlDeviceGetMemoryInfo, handle)

@@ -1,1 +1,3 @@
 """records: see the modules of this package."""
+
+__all__: list[str] = []

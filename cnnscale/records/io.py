@@ -1,13 +1,18 @@
-"""Run directory: the only interface between training and reporting.
+"""Run directory files, written atomically: the only interface between training and reporting.
 
 A run directory holds::
 
     config.yaml     the resolved configuration
-    env.json        versions, devices, world_size, num_nodes, hostnames, SLURM ids, git sha, fast-path switches
+    env.json        versions, devices, world_size, the model's params and FLOPs ... (:class:`~.schema.Env`)
     metrics.jsonl   one JSON object per log step; keys carry their unit (``loss``, ``lr``, ``img_per_s``, ``time_s``)
     summary.json    final figures; ``status`` is ``ok`` | ``failed`` | ``oom`` | ``timeout`` | ``running`` |
-                    ``preempted`` (checkpointed on a signal, resumable; see :mod:`cnnscale.train.preempt`)
+                    ``preempted`` (:class:`~.schema.Summary`; see :mod:`cnnscale.train.preempt`)
+    point.json      written by a study beside the trainer's files: the point and how its launch ended
+                    (:class:`~.schema.Point`)
     checkpoints/    ``step_000100/`` ... written by ``accelerator.save_state`` (see :mod:`cnnscale.train.checkpoint`)
+
+env.json, summary.json and point.json are written and read only through :mod:`cnnscale.records.schema`; a run
+directory is loaded with :func:`cnnscale.records.run.load_run`.
 
 Every file is written atomically (temp file in the same directory, fsync, rename), so a kill mid-write never leaves
 a half file that a reader could misread. ``metrics.jsonl`` is appended a line at a time; a torn last line is skipped
@@ -17,6 +22,7 @@ with a warning on read.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -25,14 +31,12 @@ from typing import Any
 
 import yaml
 
-from cnnscale.errors import UserError
-
 __all__ = [
-    "atomic_write_text", "write_json", "read_json", "write_yaml", "MetricsLog", "read_metrics", "RunRecord",
-    "load_run", "find_runs", "SUMMARY", "ENV", "CONFIG", "METRICS", "truncate_metrics",
+    "atomic_write_text", "write_json", "read_json", "write_yaml", "MetricsLog", "read_metrics", "truncate_metrics",
+    "finite", "SUMMARY", "ENV", "CONFIG", "METRICS", "POINT",
 ]
 
-SUMMARY, ENV, CONFIG, METRICS = "summary.json", "env.json", "config.yaml", "metrics.jsonl"
+SUMMARY, ENV, CONFIG, METRICS, POINT = "summary.json", "env.json", "config.yaml", "metrics.jsonl", "point.json"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -64,15 +68,33 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def finite(obj: Any) -> Any:
+    """``obj`` with every NaN and infinity (in nested dicts and lists too) replaced by None; tuples become lists,
+    numpy and torch scalars Python numbers."""
+    if hasattr(obj, "item") and not isinstance(obj, dict | list | tuple | str):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    """Write ``obj`` as indented JSON, atomically; NaN and infinity become null, so the file is always valid JSON."""
+    text = json.dumps(finite(obj), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
 def write_yaml(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as YAML (keys in their order), atomically."""
     atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
 
 
 def read_json(path: str | Path) -> Any:
+    """The parsed JSON of ``path`` (records of a run directory: use :mod:`cnnscale.records.schema`)."""
     with open(path) as f:
         return json.load(f)
 
@@ -122,54 +144,3 @@ def truncate_metrics(path: str | Path, max_step: int) -> None:
         return
     kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= max_step]
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True, default=_json_default) + "\n" for r in kept))
-
-
-class RunRecord(dict):
-    """A loaded run: ``summary``, ``env``, ``config`` dicts plus ``path`` and ``metrics`` (list)."""
-
-    @property
-    def summary(self) -> dict[str, Any]:
-        return self["summary"]
-
-    @property
-    def env(self) -> dict[str, Any]:
-        return self["env"]
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return self["config"]
-
-
-def load_run(path: str | Path, with_metrics: bool = False) -> RunRecord:
-    """Load one run directory. Raises ValueError naming the problem if it is not a complete run."""
-    path = Path(path)
-    if not (path / SUMMARY).is_file():
-        raise ValueError(f"{path}: no {SUMMARY}")
-    try:
-        summary = read_json(path / SUMMARY)
-        env = read_json(path / ENV) if (path / ENV).is_file() else {}
-        config = yaml.safe_load((path / CONFIG).read_text()) if (path / CONFIG).is_file() else {}
-    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: corrupt record ({type(exc).__name__})") from None
-    if not isinstance(summary, dict) or not isinstance(env, dict):
-        raise ValueError(f"{path}: corrupt record (not a JSON object)")
-    rec = RunRecord(path=str(path), summary=summary, env=env, config=config or {})
-    if with_metrics:
-        rec["metrics"] = read_metrics(path / METRICS)
-    return rec
-
-
-def find_runs(roots: list[str | Path]) -> list[Path]:
-    """Every directory under ``roots`` (recursively) that looks like a run: it holds summary.json or env.json."""
-    found: list[Path] = []
-    for root in roots:
-        root = Path(root)
-        if not root.exists():
-            raise UserError(f"no such run directory: {root}")
-        if (root / SUMMARY).exists() or (root / ENV).exists():
-            found.append(root)
-            continue
-        for p in sorted(root.rglob("*")):
-            if p.is_dir() and "checkpoints" not in p.parts and ((p / SUMMARY).exists() or (p / ENV).exists()):
-                found.append(p)
-    return found

@@ -1,6 +1,6 @@
-"""PNG plots of a scaling report (matplotlib, Agg backend: no display needed, safe under SLURM).
+"""PNG plots of a scaling report (matplotlib's object API: no pyplot, no display, no global state; safe under SLURM).
 
-Each function takes the flat rows of :func:`cnnscale.report.main.aggregate` and writes one PNG of a fixed size
+Each function takes the flat rows of :func:`cnnscale.report.aggregate.aggregate` and writes one PNG of a fixed size
 (``FIGSIZE`` x ``DPI``: 900 x 540 pixels), so the files are stable to compare.
 """
 
@@ -10,20 +10,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 __all__ = ["write_plots", "plot_throughput", "plot_efficiency", "plot_memory", "FIGSIZE", "DPI", "PIXELS"]
 
 FIGSIZE = (9.0, 5.4)
 DPI = 100
 PIXELS = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _series(rows: list[dict[str, Any]], value: str) -> dict[str, list[tuple[int, float]]]:
@@ -54,7 +47,6 @@ def _finish(fig: Any, ax: Any, path: Path, title: str, xlabel: str, ylabel: str)
         ax.legend(fontsize=7, loc="best")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": keep the pixel size fixed
-    _plt().close(fig)
     return path
 
 
@@ -66,8 +58,8 @@ def _workers_axis(ax: Any, sizes: set[int]) -> None:
 
 def plot_throughput(rows: list[dict[str, Any]], path: Path) -> Path:
     """img/s against workers, one line per model, with each model's ideal (linear from its smallest N) dashed."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.subplots()
     sizes: set[int] = set()
     for label, pts in _series(rows, "img_per_s").items():
         xs, ys = zip(*pts)
@@ -82,8 +74,8 @@ def plot_throughput(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def plot_efficiency(rows: list[dict[str, Any]], path: Path) -> Path:
     """Measured efficiency per model (solid) and the scaling model's prediction (dotted, same colour)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.subplots()
     sizes: set[int] = set()
     pred = _series(rows, "pred_efficiency")
     for label, pts in _series(rows, "efficiency").items():
@@ -102,8 +94,8 @@ def plot_efficiency(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def plot_memory(rows: list[dict[str, Any]], path: Path) -> Path:
     """Peak memory per model (GPU allocator peak, else process RSS), one bar per world size."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.subplots()
     series = _series(rows, "peak_mem_bytes")
     sizes = sorted({n for pts in series.values() for n, _ in pts})
     width = 0.8 / max(len(sizes), 1)

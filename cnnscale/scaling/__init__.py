@@ -1,1 +1,3 @@
 """scaling: see the modules of this package."""
+
+__all__: list[str] = []

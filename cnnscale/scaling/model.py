@@ -23,7 +23,6 @@ first-bucket latency of the launch, and the network's contention in multi-node r
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -31,7 +30,7 @@ from cnnscale.errors import choices_error
 
 __all__ = [
     "Interconnect", "PRESETS", "get_interconnect", "ring_allreduce_s", "bucket_sizes", "exposed_comm_s",
-    "step_time_s", "predict_efficiency", "grad_bytes", "fit_alpha_beta", "interconnect_from_fit", "model_params",
+    "step_time_s", "predict_efficiency", "grad_bytes", "fit_alpha_beta", "interconnect_from_fit",
     "WORLD_SIZES",
 ]
 
@@ -157,14 +156,3 @@ def interconnect_from_fit(fit: dict, overlap: float | None = None) -> Interconne
         overlap = 0.0 if fit.get("device_type", "cpu") == "cpu" else 1.0
     return replace(ic, overlap=overlap, note=f"{ic.note} ({fit.get('backend', '?')}, {fit['world_size']} procs)")
 
-
-@functools.lru_cache(maxsize=64)
-def model_params(name: str) -> int:
-    """Parameter count of a registered model, built on the meta device (imports torch: a few seconds, once)."""
-    import torch
-
-    from cnnscale.models import create_model
-
-    with torch.device("meta"):
-        model = create_model(name)
-    return int(sum(p.numel() for p in model.parameters()))

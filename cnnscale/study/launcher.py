@@ -4,12 +4,15 @@ A *backend* turns a point's argument list into an :class:`Outcome`. :class:`Loca
 subprocess in its own process group (argument list, never a shell), with a per-point timeout that kills the whole
 group. Other backends (SLURM) implement the same ``run`` method and are registered in :data:`BACKENDS`.
 
+A launch *target* is a module of the installed package (``cnnscale.train``, started with ``-m``), or a script path
+(a name ending in ``.py``). Nothing here depends on where the package was installed from.
+
 Launch forms (see ../shared/STACK-FACTS.md for the forms that silently run world size 1):
 
-- world size 1: ``python launch/train.py ARGS``;
+- world size 1: ``python -m cnnscale.train ARGS``;
 - world size N: ``accelerate launch --multi_gpu --num_processes N --num_machines 1 --main_process_port P
-  launch/train.py ARGS`` (train.py makes the Accelerator with ``cpu=True`` when there is no GPU, so this is gloo on
-  CPU), or ``torchrun --nnodes 1 --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:P``.
+  -m cnnscale.train ARGS`` (the trainer makes the Accelerator with ``cpu=True`` when there is no GPU, so this is gloo
+  on CPU), or ``torchrun --nnodes 1 --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:P -m ...``.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from pathlib import Path
 from typing import Protocol
 
 __all__ = ["Outcome", "Backend", "LocalBackend", "BACKENDS", "build_command", "classify_failure", "free_port",
-           "REPO", "LAUNCHERS", "point_env", "port_in_use"]
+           "LAUNCHERS", "TRAIN_MODULE", "is_script", "target_argv", "point_env", "port_in_use"]
 
-REPO = Path(__file__).resolve().parents[2]
+TRAIN_MODULE = "cnnscale.train"
 LAUNCHERS = ("accelerate", "torchrun")
 
 _OOM = ("CUDA out of memory", "OutOfMemoryError", "DefaultCPUAllocator: can't allocate memory",
@@ -60,23 +63,40 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _bin(name: str, python: str) -> str:
-    """An executable installed next to ``python`` (the venv's), else whatever PATH has."""
-    cand = Path(python).parent / name
-    return str(cand) if cand.exists() else name
+# launcher -> (its command as an executable, the same as a module of the interpreter)
+_LAUNCHER_FORMS = {"accelerate": (["accelerate", "launch"], ["-m", "accelerate.commands.launch"]),
+                   "torchrun": (["torchrun"], ["-m", "torch.distributed.run"])}
 
 
-def build_command(script: str | Path, args: list[str], world_size: int, port: int, launcher: str = "accelerate",
+def _launcher(name: str, python: str) -> list[str]:
+    """The launcher's executable installed next to ``python`` (the venv's), else ``python -m`` its module: either
+    way the ranks run under ``python`` and its installed cnnscale (a PATH lookup could pick another venv's)."""
+    exe, module = _LAUNCHER_FORMS[name]
+    cand = Path(python).parent / exe[0]
+    return [str(cand), *exe[1:]] if cand.exists() else [python, *module]
+
+
+def is_script(target: str | Path) -> bool:
+    """Whether a launch target is a script path (``*.py``) rather than a module name."""
+    return str(target).endswith(".py")
+
+
+def target_argv(target: str | Path) -> list[str]:
+    """What follows the interpreter or launcher: ``["-m", module]``, or ``[script path]`` as given."""
+    return [str(target)] if is_script(target) else ["-m", str(target)]
+
+
+def build_command(target: str | Path, args: list[str], world_size: int, port: int, launcher: str = "accelerate",
                   python: str = sys.executable) -> list[str]:
-    """The argument list that starts ``script`` on ``world_size`` local processes."""
-    script = str(script)
+    """The argument list that starts ``target`` (a module, or a ``.py`` script) on ``world_size`` local processes."""
+    tail = [*target_argv(target), *args]
     if world_size == 1:
-        return [python, script, *args]
+        return [python, *tail]
     if launcher == "torchrun":
-        return [_bin("torchrun", python), "--nnodes", "1", "--nproc-per-node", str(world_size), "--rdzv-backend",
-                "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", script, *args]
-    return [_bin("accelerate", python), "launch", "--multi_gpu", "--num_processes", str(world_size),
-            "--num_machines", "1", "--main_process_port", str(port), script, *args]
+        return [*_launcher("torchrun", python), "--nnodes", "1", "--nproc-per-node", str(world_size),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", *tail]
+    return [*_launcher("accelerate", python), "--multi_gpu", "--num_processes", str(world_size),
+            "--num_machines", "1", "--main_process_port", str(port), *tail]
 
 
 def point_env(threads: int, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -84,7 +104,6 @@ def point_env(threads: int, base: dict[str, str] | None = None) -> dict[str, str
     env = dict(os.environ if base is None else base)
     if threads > 0:
         env["OMP_NUM_THREADS"] = str(threads)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -93,7 +112,7 @@ def _error_line(text: str) -> str:
     """The most telling line of a failed launch's log: a cnnscale one-line error, else the last exception line."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for ln in lines:
-        if re.search(r"^\S+\.py: error: |^cnnscale: error: ", ln):
+        if re.search(r"^\S+\.py: error: |^cnnscale(\.\w+)*: error: ", ln):
             return ln[:300]
     for ln in reversed(lines):
         if re.search(r"\b\w*(Error|Exception)\b:", ln) and not any(w in ln for w in _WRAPPER_ERRORS):
@@ -140,7 +159,7 @@ class LocalBackend:
         with open(log_path, "w") as log:
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)  # own process group: a timeout kills every rank
             try:
                 proc.wait(timeout=timeout_s)

@@ -1,5 +1,5 @@
 """``cnnscale study FILE --slurm``: run a study's points as SLURM job arrays (slurm/study.sbatch), watch them, and
-record each point as the local backend does, so ``cnnscale report`` reads the results as usual.
+record each point (point.json) as the local backend does, so ``cnnscale report`` reads the results as usual.
 
 Placement: a point of world size N runs on ``ceil(N / gpus_per_node)`` nodes with ``min(N, gpus_per_node)``
 processes each (``gpus_per_node: 0`` puts the whole point on one node). GPUs are requested (``--gpus-per-node``)
@@ -10,6 +10,9 @@ when the study says ``threads_per_process: 0`` (the GPU setting); a CPU study (`
 The array ids are kept in ``OUT/slurm/jobs.json``: running the command again while they are queued watches them
 instead of submitting twice. Points already ``ok`` are skipped, as with the local backend. Each task's time limit is
 the study's ``timeout_s`` (plus 2 minutes for start-up) unless the extra sbatch options give ``--time``.
+
+The templates are the installed package's (:mod:`cnnscale.resources`); the job runs ``-m cnnscale.train`` with the
+interpreter that submitted it, so the nodes need the same installation (a shared filesystem), not a checkout.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ from typing import Any
 
 from cnnscale.errors import UserError
 from cnnscale.records import io as records
-from cnnscale.study.launcher import REPO, classify_failure
-from cnnscale.study.local import Point, _record, expand, is_done, point_args
+from cnnscale.records.schema import read_point
+from cnnscale.resources import resource_path
+from cnnscale.study.launcher import classify_failure, is_script
+from cnnscale.study.matrix import Point, check_targets, expand, point_args
+from cnnscale.study.outcome import PointRecord, is_done, read_done, record_point, run_summary
 from cnnscale.study.spec import StudySpec
 
 __all__ = ["placement", "run_slurm_study", "sbatch_command", "queued"]
-
-STUDY_SBATCH = REPO / "slurm" / "study.sbatch"
 
 
 def placement(p: Point, spec: StudySpec) -> tuple[int, int, bool]:
@@ -47,14 +51,16 @@ def placement(p: Point, spec: StudySpec) -> tuple[int, int, bool]:
 def _entry(p: Point, spec: StudySpec, run_dir: Path) -> dict[str, Any]:
     args = point_args(p, spec, run_dir)
     i = args.index("--out")
-    return {"id": p.id, "out": str(run_dir), "script": p.script, "args": args[:i] + args[i + 2:]}  # sbatch adds --out
+    target = str(Path(p.script).resolve()) if is_script(p.script) else p.script  # the job starts elsewhere
+    return {"id": p.id, "out": str(run_dir), "target": target, "args": args[:i] + args[i + 2:]}  # sbatch adds --out
 
 
 def sbatch_command(spec: StudySpec, shape: tuple[int, int, bool], count: int, manifest: Path, out: Path,
                    extra: list[str], python: str = sys.executable) -> list[str]:
     """The sbatch argument list of one array (no shell involved)."""
     nodes, per, gpus = shape
-    env = [f"CNNSCALE_MANIFEST={manifest}", f"CNNSCALE_ROOT={REPO}", f"CNNSCALE_PYTHON={python}",
+    env = [f"CNNSCALE_MANIFEST={manifest}", f"CNNSCALE_TRAIN_SBATCH={resource_path('slurm/train.sbatch')}",
+           f"CNNSCALE_PYTHON={python}",
            f"CNNSCALE_GPUS_PER_NODE={per if gpus else 0}", f"CNNSCALE_CPU_PROCS={per}"]
     if spec.threads_per_process:
         env.append(f"CNNSCALE_THREADS={spec.threads_per_process}")
@@ -62,7 +68,7 @@ def sbatch_command(spec: StudySpec, shape: tuple[int, int, bool], count: int, ma
     return ["sbatch", "--parsable", f"--array=0-{count - 1}", f"--nodes={nodes}", "--ntasks-per-node=1",
             *([f"--gpus-per-node={per}"] if gpus else []), f"--job-name=study-{spec.name}",
             f"--output={out}/slurm/%x-%A_%a.out", f"--time={minutes}", "--export=ALL," + ",".join(env), *extra,
-            str(STUDY_SBATCH)]
+            str(resource_path("slurm/study.sbatch"))]
 
 
 def _run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
@@ -114,27 +120,24 @@ def _watch(jobs: dict[str, list[str]], say: Callable[[str], None], poll_s: float
 
 
 def _outcome(job_id: str, index: int, name: str, run_dir: Path, out: Path) -> tuple[str, str, float]:
-    try:
-        summary = records.read_json(run_dir / records.SUMMARY)
-    except (OSError, ValueError):
-        summary = {}
-    if summary.get("status") == "ok":
-        return "ok", "", float(summary.get("wall_s") or 0)
+    summary = run_summary(run_dir)
+    if summary is not None and summary.status == "ok":
+        return "ok", "", float(summary.wall_s or 0)
     info = _run(["scontrol", "show", "job", "-o", f"{job_id}_{index}"]).stdout
     state = next((t.split("=", 1)[1] for t in info.split() if t.startswith("JobState=")), "UNKNOWN")
     log = out / "slurm" / f"study-{name}-{job_id}_{index}.out"
     text = log.read_text(errors="replace") if log.is_file() else ""
     if state == "TIMEOUT":
         return "timeout", "the array task hit its SLURM time limit", 0.0
-    if summary.get("status") == "preempted":
-        return "failed", f"preempted at step {summary.get('steps')} and not resumed (job state {state})", 0.0
+    if summary is not None and summary.status == "preempted":
+        return "failed", f"preempted at step {summary.steps} and not resumed (job state {state})", 0.0
     status, error = classify_failure(1, text)
     return status, f"job {job_id}_{index} {state}: {error}", 0.0
 
 
 def run_slurm_study(spec: StudySpec, out: Path, sbatch_opts: str = "", poll_s: float = 2.0,
-                    say: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Submit the points not yet done, wait for them, record them; returns every point's summary in matrix order."""
+                    say: Callable[[str], None] | None = None) -> list[PointRecord]:
+    """Submit the points not yet done, wait for them, record them; returns every point's record in matrix order."""
     say = say or (lambda s: print(f"[study] {s}", flush=True))
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +147,7 @@ def run_slurm_study(spec: StudySpec, out: Path, sbatch_opts: str = "", poll_s: f
         raise UserError(f"{spec.source}: the max_batch search runs locally; run the study once without --slurm "
                         f"(it caches {cached.name}) or drop max_batch")
     points = expand(spec, records.read_json(cached) if spec.max_batch else None)
+    check_targets(spec, points)
     by_id = {p.id: p for p in points}
     jobs_file = out / "slurm" / "jobs.json"
     jobs: dict[str, list[str]] = records.read_json(jobs_file) if jobs_file.is_file() else {}
@@ -159,14 +163,18 @@ def run_slurm_study(spec: StudySpec, out: Path, sbatch_opts: str = "", poll_s: f
         for index, pid in enumerate(ids):
             if pid in by_id:  # (absent only if the study file changed while its arrays ran)
                 status, error, seconds = _outcome(job_id, index, spec.name, out / pid, out)
-                (out / pid).mkdir(parents=True, exist_ok=True)
-                _record(out / pid, by_id[pid], spec, status, error, seconds)
-    return [_summary(out / p.id) for p in points]
+                record_point(out / pid, by_id[pid], spec.name, status, error, seconds, backend="slurm",
+                             job_id=f"{job_id}_{index}")
+    return [_final(out / p.id, p, spec) for p in points]
 
 
-def _summary(run_dir: Path) -> dict[str, Any]:
+def _final(run_dir: Path, p: Point, spec: StudySpec) -> PointRecord:
+    """A point's record after the arrays ended: done (now or earlier), else what point.json says, else failed."""
+    rec = read_done(run_dir, p)
+    if rec is not None:
+        return rec
     try:
-        s = records.read_json(run_dir / records.SUMMARY)
+        return read_point(run_dir)
     except (OSError, ValueError):
-        return {}
-    return s if isinstance(s, dict) else {}
+        return record_point(run_dir, p, spec.name, "failed", "no record: the point was not run", 0.0,
+                            backend="slurm")

@@ -1,66 +1,144 @@
 """A study file, validated: :class:`StudySpec` from YAML, and the strong-scaling batch rule.
 
-See :mod:`cnnscale.study.local` for the file format. Every error names the file and, where there are any, the valid
+See :mod:`cnnscale.study.local` for the file format. Like the run config, a study is a frozen dataclass with a
+docstring per field, its values converted by the one coercion (:func:`cnnscale.config.coerce.from_mapping`) and its
+ranges and choices checked in ``__post_init__``. Every error names the file and, where there are any, the valid
 choices; nothing here imports torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from cnnscale.config import load_yaml
+from cnnscale.config import DATASETS, PRECISIONS, coerce, field_types, from_mapping, load_yaml
 from cnnscale.errors import UserError
+from cnnscale.records.schema import SCALINGS
 from cnnscale.study.launcher import LAUNCHERS
 
-__all__ = ["StudySpec", "ModelSpec", "load_spec", "parse_spec", "strong_batch", "SCALINGS", "SPEC_KEYS"]
+__all__ = ["StudySpec", "ModelSpec", "load_spec", "parse_spec", "strong_batch", "SCALINGS", "SPEC_KEYS",
+           "MODEL_KEYS"]
 
-SCALINGS = ("weak", "strong")
-PRECISIONS = ("no", "fp16", "bf16")
-SPEC_KEYS = ("name", "description", "scaling", "models", "world_sizes", "precisions", "micro_batches",
-             "global_batch", "grad_accum", "max_micro_batch", "min_micro_batch", "max_steps", "data", "timeout_s",
-             "threads_per_process", "launcher", "overrides", "settings", "max_batch", "allreduce_bench",
-             "gpus_per_node")
-MODEL_KEYS = ("name", "micro_batches", "global_batch", "max_steps")
+def _fail(src: str, msg: str) -> UserError:
+    return UserError(f"{src}: {msg}")
+
+
+def _ints_at_least(src: str, key: str, values: tuple[int, ...], minimum: int) -> None:
+    if not values or any(v < minimum for v in values):
+        raise _fail(src, f"{key} must be integers >= {minimum}, got {list(values)}")
+
+
+def _at_least(src: str, key: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        raise _fail(src, f"{key} must be >= {minimum}, got {value}")
+
+
+def _one_of(src: str, key: str, values: tuple[str, ...], allowed: tuple[str, ...]) -> None:
+    for v in values:
+        if v not in allowed:
+            raise _fail(src, f"{key}: unknown value {v!r} (choose from: {', '.join(allowed)})")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """One model of a study: a name, or a mapping that also overrides some of the study's values for it."""
+
     name: str
+    """Registered model name (``cnnscale models`` lists them)."""
     micro_batches: tuple[int, ...] = ()
-    """Overrides the study's micro_batches for this model (weak scaling)."""
+    """Overrides the study's micro_batches for this model (weak scaling); () keeps the study's."""
     global_batch: int = 0
-    """Overrides the study's global_batch for this model (strong scaling)."""
+    """Overrides the study's global_batch for this model (strong scaling); 0 keeps the study's."""
     max_steps: int = 0
-    """Overrides the study's max_steps for this model."""
+    """Overrides the study's max_steps for this model; 0 keeps the study's."""
+
+    def __post_init__(self) -> None:
+        src = f"model {self.name!r}"
+        if not self.name:
+            raise UserError("a model entry needs a non-empty name")
+        if self.micro_batches:
+            _ints_at_least(src, "micro_batches", self.micro_batches, 1)
+        _at_least(src, "global_batch", self.global_batch, 0)
+        _at_least(src, "max_steps", self.max_steps, 0)
 
 
 @dataclass(frozen=True)
 class StudySpec:
+    """A scaling study: models x world sizes x precisions x micro-batches x settings, each point a training run."""
+
     name: str
+    """The study's name (its default output directory is runs/<name>)."""
     models: tuple[ModelSpec, ...]
+    """The models, in order; at least one."""
+    description: str = ""
+    """Free text, shown by --dry-run and kept in study.yaml."""
     scaling: str = "weak"
+    """weak (fixed per-process micro-batch) or strong (fixed global batch, split over the world size)."""
     world_sizes: tuple[int, ...] = (1, 2)
+    """Process counts to run each model at."""
     precisions: tuple[str, ...] = ("no",)
+    """Mixed-precision modes to run (no, fp16, bf16)."""
     micro_batches: tuple[int, ...] = (32,)
+    """Weak scaling: images per process per forward/backward, one point each."""
     global_batch: int = 0
+    """Strong scaling: images per optimiser step, fixed across world sizes (0: unset)."""
     grad_accum: int = 1
+    """Micro-batches accumulated per optimiser step (strong scaling doubles it while micro > max_micro_batch)."""
     max_micro_batch: int = 0
+    """Strong scaling: largest micro-batch before grad_accum doubles (0: no limit)."""
     min_micro_batch: int = 1
+    """Strong scaling: smallest micro-batch allowed (a world size that needs less is an error)."""
     max_steps: int = 20
+    """Optimiser steps per point."""
     data: str = "synthetic"
+    """Data set of every point (cifar10, imagefolder, synthetic)."""
     timeout_s: float = 900.0
+    """Seconds a point may run before it is stopped and recorded as timed out."""
     threads_per_process: int = 1
+    """torch threads per process (0: leave as is)."""
     launcher: str = "accelerate"
+    """How the local backend starts the processes of a point (accelerate or torchrun)."""
     overrides: tuple[tuple[str, Any], ...] = ()
+    """``section.field: value`` given to every point's training run."""
     settings: tuple[tuple[str, dict[str, Any]], ...] = (("default", {}),)
+    """Named variants, each with its own ``section.field: value`` overrides (or ``script:``), one point each."""
     max_batch: dict[str, int] | None = None
+    """Search the largest micro-batch per model first: {start: 1024, steps: 3} (None: no search)."""
     allreduce_bench: bool = True
+    """Time a 2-process all-reduce before the points, to fit the measured interconnect."""
     gpus_per_node: int = 0
     """Devices per machine (0: every point runs on this one); the local backend refuses larger world sizes."""
     source: str = "<study>"
+    """Where the spec came from (the file), named in every error."""
     raw: dict[str, Any] | None = None
+    """The mapping as read, written back as study.yaml."""
+
+    def __post_init__(self) -> None:
+        src = self.source
+        if not self.models:
+            raise _fail(src, "models must be a non-empty list of names or {name: ..} mappings")
+        _one_of(src, "scaling", (self.scaling,), SCALINGS)
+        _one_of(src, "precisions", self.precisions, PRECISIONS)
+        _one_of(src, "launcher", (self.launcher,), LAUNCHERS)
+        _one_of(src, "data", (self.data,), DATASETS)
+        for key in ("world_sizes", "micro_batches"):
+            _ints_at_least(src, key, getattr(self, key), 1)
+        if not self.precisions:
+            raise _fail(src, f"precisions must name at least one of: {', '.join(PRECISIONS)}")
+        for key, minimum in (("global_batch", 0), ("grad_accum", 1), ("max_micro_batch", 0), ("min_micro_batch", 1),
+                             ("max_steps", 1), ("threads_per_process", 0), ("timeout_s", 1), ("gpus_per_node", 0)):
+            _at_least(src, key, getattr(self, key), minimum)
+        if self.scaling == "strong" and not self.global_batch and not all(m.global_batch for m in self.models):
+            raise _fail(src, "strong scaling needs global_batch (fixed images per optimiser step)")
+        if self.max_batch is not None:
+            for key in ("start", "steps"):
+                _at_least(src, f"max_batch.{key}", self.max_batch[key], 1)
+
+
+# the keys a study file may have: every field but the two the loader fills in
+SPEC_KEYS = tuple(f.name for f in fields(StudySpec) if f.name not in ("source", "raw"))
+MODEL_KEYS = tuple(f.name for f in fields(ModelSpec))
 
 
 def strong_batch(global_batch: int, world_size: int, grad_accum: int = 1, max_micro: int = 0,
@@ -82,24 +160,17 @@ def strong_batch(global_batch: int, world_size: int, grad_accum: int = 1, max_mi
     return micro, ga
 
 
-def _ints(src: str, key: str, value: Any, minimum: int = 1) -> tuple[int, ...]:
-    vals = value if isinstance(value, list | tuple) else [value]
-    if not vals or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in vals):
-        raise UserError(f"{src}: {key} must be integers >= {minimum}, got {value!r}")
-    return tuple(vals)
-
-
 def _flatten(src: str, what: str, d: Any, prefix: str = "") -> dict[str, Any]:
     """``{data: {num_workers: 0}}`` and ``{data.num_workers: 0}`` both give ``{"data.num_workers": 0}``."""
     if not isinstance(d, dict):
-        raise UserError(f"{src}: {what} must be a mapping of section.field: value, got {type(d).__name__}")
+        raise _fail(src, f"{what} must be a mapping of section.field: value, got {type(d).__name__}")
     flat: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             flat.update(_flatten(src, what, v, key + "."))
         elif "." not in key and key != "script":
-            raise UserError(f"{src}: {what} key {key!r} must be section.field (e.g. dist.comm_hook)")
+            raise _fail(src, f"{what} key {key!r} must be section.field (e.g. dist.comm_hook)")
         else:
             flat[key] = v
     return flat
@@ -107,73 +178,66 @@ def _flatten(src: str, what: str, d: Any, prefix: str = "") -> dict[str, Any]:
 
 def _models(src: str, value: Any) -> tuple[ModelSpec, ...]:
     if not isinstance(value, list) or not value:
-        raise UserError(f"{src}: models must be a non-empty list of names or {{name: ..}} mappings")
+        raise _fail(src, "models must be a non-empty list of names or {name: ..} mappings")
     out = []
     for m in value:
         if isinstance(m, str):
-            out.append(ModelSpec(m))
-            continue
+            m = {"name": m}
         if not isinstance(m, dict) or "name" not in m:
-            raise UserError(f"{src}: a model entry must be a name or a mapping with 'name', got {m!r}")
-        bad = sorted(set(m) - set(MODEL_KEYS))
-        if bad:
-            raise UserError(f"{src}: unknown model key {bad[0]!r} (valid keys: {', '.join(MODEL_KEYS)})")
-        out.append(ModelSpec(str(m["name"]), _ints(src, "micro_batches", m["micro_batches"]) if "micro_batches" in m
-                             else (), int(m.get("global_batch", 0)), int(m.get("max_steps", 0))))
+            raise _fail(src, f"a model entry must be a name or a mapping with 'name', got {m!r}")
+        out.append(from_mapping(ModelSpec, m, src, "models."))
     return tuple(out)
-
-
-def _choices(src: str, key: str, values: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
-    vals = tuple(str(v) if v is not False else "no" for v in (values if isinstance(values, list) else [values]))
-    for v in vals:
-        if v not in allowed:
-            raise UserError(f"{src}: {key}: unknown value {v!r} (choose from: {', '.join(allowed)})")
-    return vals
 
 
 def _settings(src: str, value: Any) -> tuple[tuple[str, dict[str, Any]], ...]:
     if value is None:
         return (("default", {}),)
     if not isinstance(value, dict) or not value:
-        raise UserError(f"{src}: settings must be a mapping of variant name -> overrides")
+        raise _fail(src, "settings must be a mapping of variant name -> overrides")
     out = []
     for name, over in value.items():
         if not str(name).replace("_", "").replace("-", "").isalnum():
-            raise UserError(f"{src}: settings name {name!r} must be letters, digits, '_' or '-'")
+            raise _fail(src, f"settings name {name!r} must be letters, digits, '_' or '-'")
         out.append((str(name), _flatten(src, f"settings.{name}", over or {})))
     return tuple(out)
 
 
-def parse_spec(raw: dict[str, Any], src: str = "<study>") -> StudySpec:
-    """Validate a study mapping. Unknown keys and bad values are one-line UserErrors naming ``src``."""
+def _max_batch(src: str, value: Any) -> dict[str, int] | None:
+    if not value:
+        return None
+    given = value if isinstance(value, dict) else {}  # `max_batch: true` searches with the defaults
+    unknown = sorted(set(given) - {"start", "steps"})
+    if unknown:
+        raise _fail(src, f"unknown key 'max_batch.{unknown[0]}' (valid keys: start, steps)")
+    return {"start": coerce("max_batch.start", given.get("start", 1024), int),
+            "steps": coerce("max_batch.steps", given.get("steps", 3), int)}
+
+
+def _parse(raw: Any, src: str) -> StudySpec:
+    if not isinstance(raw, dict):
+        raise _fail(src, f"expected a mapping of study keys, got {type(raw).__name__}")
     bad = sorted(set(raw) - set(SPEC_KEYS))
     if bad:
-        raise UserError(f"{src}: unknown key {bad[0]!r} (valid keys: {', '.join(SPEC_KEYS)})")
+        raise _fail(src, f"unknown key {bad[0]!r} (valid keys: {', '.join(SPEC_KEYS)})")
     for key in ("name", "models"):
         if key not in raw:
-            raise UserError(f"{src}: missing required key {key!r}")
-    kw: dict[str, Any] = {"name": str(raw["name"]), "models": _models(src, raw["models"]), "source": src, "raw": raw}
-    kw["scaling"] = _choices(src, "scaling", raw.get("scaling", "weak"), SCALINGS)[0]
-    kw["precisions"] = _choices(src, "precisions", raw.get("precisions", ["no"]), PRECISIONS)
-    kw["launcher"] = _choices(src, "launcher", raw.get("launcher", "accelerate"), LAUNCHERS)[0]
-    for key in ("world_sizes", "micro_batches"):
-        if key in raw:
-            kw[key] = _ints(src, key, raw[key])
-    for key, minimum in (("global_batch", 1), ("grad_accum", 1), ("max_micro_batch", 0), ("min_micro_batch", 1),
-                         ("max_steps", 1), ("threads_per_process", 0), ("timeout_s", 1), ("gpus_per_node", 0)):
-        if key in raw:
-            kw[key] = _ints(src, key, raw[key], minimum)[0]
-    if kw["scaling"] == "strong" and not kw.get("global_batch") and not all(m.global_batch for m in kw["models"]):
-        raise UserError(f"{src}: strong scaling needs global_batch (fixed images per optimiser step)")
-    kw["data"] = _choices(src, "data", raw.get("data", "synthetic"), ("cifar10", "imagefolder", "synthetic"))[0]
-    kw["overrides"] = tuple(_flatten(src, "overrides", raw.get("overrides") or {}).items())
-    kw["settings"] = _settings(src, raw.get("settings"))
-    kw["allreduce_bench"] = bool(raw.get("allreduce_bench", True))
-    if raw.get("max_batch"):
-        mb = raw["max_batch"] if isinstance(raw["max_batch"], dict) else {}
-        kw["max_batch"] = {"start": _ints(src, "max_batch.start", mb.get("start", 1024))[0],
-                           "steps": _ints(src, "max_batch.steps", mb.get("steps", 3))[0]}
-    return StudySpec(**kw)
+            raise _fail(src, f"missing required key {key!r}")
+    kw: dict[str, Any] = {"models": _models(src, raw["models"]),
+                          "overrides": tuple(_flatten(src, "overrides", raw.get("overrides") or {}).items()),
+                          "settings": _settings(src, raw.get("settings")),
+                          "max_batch": _max_batch(src, raw.get("max_batch"))}
+    types_ = field_types(StudySpec)
+    kw.update({k: coerce(k, v, types_[k]) for k, v in raw.items() if k not in kw})
+    return StudySpec(**kw, source=src, raw=raw)
+
+
+def parse_spec(raw: dict[str, Any], src: str = "<study>") -> StudySpec:
+    """Validate a study mapping. Unknown keys and bad values are one-line UserErrors naming ``src``."""
+    try:
+        return _parse(raw, src)
+    except UserError as exc:
+        msg = str(exc)
+        raise (exc if msg.startswith(f"{src}: ") else _fail(src, msg)) from None
 
 
 def load_spec(path: str | Path) -> StudySpec:

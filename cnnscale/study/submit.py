@@ -1,9 +1,11 @@
 """``cnnscale submit``: render an sbatch script for one training run and submit it with ``sbatch``.
 
-The script is ``slurm/train.sbatch`` with its ``#SBATCH`` header replaced by one made from the options (nodes, GPUs
-per node, CPUs, partition, time, account, preemption signal) and the training arguments baked in, so what runs is
-exactly what ``--dry-run`` prints. Submission passes the script on sbatch's stdin and the command as an argument list,
-never through a shell string. The rendered copy is kept as ``RUNS/submitted/<job name>-<job id>.sbatch``.
+The script is the packaged ``slurm/train.sbatch`` (:mod:`cnnscale.resources`) with its ``#SBATCH`` header replaced
+by one made from the options (nodes, GPUs per node, CPUs, partition, time, account, preemption signal) and the
+training arguments baked in, so what runs is exactly what ``--dry-run`` prints. Submission passes the script on
+sbatch's stdin and the command as an argument list, never through a shell string. The rendered copy is kept as
+``RUNS/submitted/<job name>-<job id>.sbatch``. It names the interpreter (``--python``, default: this one) and runs
+``-m cnnscale.train``, so it needs an installed package and names no path of a source checkout.
 
 Why not submitit: submitit pickles a Python function and runs it as one srun task per process; here each node must
 run ``accelerate launch`` (which starts the processes), and preemption is a shell-level trap that forwards SIGUSR1
@@ -23,12 +25,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cnnscale.config import CommandParser, load_config
 from cnnscale.errors import UserError
+from cnnscale.resources import resource_path
 
 __all__ = ["JobSpec", "render", "submit", "main", "BODY_MARKER", "TEMPLATE"]
 
-REPO = Path(__file__).resolve().parents[2]
-TEMPLATE = REPO / "slurm" / "train.sbatch"
+TEMPLATE = "slurm/train.sbatch"
+"""The template, a packaged file: ``resource_path(TEMPLATE)``."""
 BODY_MARKER = "# ---- cnnscale body:"
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
 _WORD = re.compile(r"^[A-Za-z0-9_.,:@+=/-]+$")  # what an #SBATCH value may hold (sbatch reads it without a shell)
@@ -39,8 +43,8 @@ _PATH_FLAGS = ("--config", "--data-dir")
 class JobSpec:
     """Everything the rendered script depends on (no hidden environment)."""
 
-    root: str
     python: str
+    """The interpreter on the nodes; it must have cnnscale installed."""
     runs: str
     train_args: tuple[str, ...] = ()
     nodes: int = 1
@@ -89,7 +93,7 @@ def _header(spec: JobSpec) -> list[str]:
              f"--output={spec.runs}/%x-%j.out", *spec.sbatch_opts]
     lines = ["#!/bin/bash", "# Rendered by `cnnscale submit` from slurm/train.sbatch (header above the body marker).",
              *(f"#SBATCH {o}" for o in opts)]
-    env = {"CNNSCALE_ROOT": spec.root, "CNNSCALE_PYTHON": spec.python, "CNNSCALE_RUNS": spec.runs}
+    env = {"CNNSCALE_PYTHON": spec.python, "CNNSCALE_RUNS": spec.runs}
     if spec.gpus_per_node is not None:
         env["CNNSCALE_GPUS_PER_NODE"] = str(spec.gpus_per_node)
     env["CNNSCALE_CPU_PROCS"] = str(spec.procs_per_node)
@@ -100,7 +104,7 @@ def _header(spec: JobSpec) -> list[str]:
 
 def render(spec: JobSpec, template: str | None = None) -> str:
     """The complete sbatch script: a header from ``spec`` followed by the body of ``slurm/train.sbatch``."""
-    text = TEMPLATE.read_text() if template is None else template
+    text = resource_path(TEMPLATE).read_text() if template is None else template
     idx = text.find(BODY_MARKER)
     if idx < 0:
         raise UserError(f"{TEMPLATE}: body marker {BODY_MARKER!r} not found")
@@ -126,10 +130,9 @@ def submit(script: str, sbatch: str = "sbatch", timeout: float = 60) -> str:
     return job_id
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cnnscale submit", allow_abbrev=False,
-                                description="Render slurm/train.sbatch for one run and submit it. Options not listed "
-                                "here (and everything after --) go to training, e.g. --max-steps 2000 --lr 0.1.")
+def _parser() -> CommandParser:
+    p = CommandParser(prog="cnnscale submit", description="Render slurm/train.sbatch for one run and submit it. "
+                      "Options not listed here (and everything after --) go to training, e.g. --max-steps 2000.")
     p.add_argument("--nodes", type=int, default=1, help="nodes (one srun task, one accelerate launch each)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: detect; 0: CPU)")
     p.add_argument("--procs-per-node", type=int, default=1, help="processes per node without GPUs (default 1)")
@@ -151,8 +154,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train_args(args: argparse.Namespace, rest: list[str]) -> tuple[str, ...]:
-    from cnnscale.config import load_config
-
     out = [*(["--model", args.model] if args.model else []), *(["--config", args.config] if args.config else []),
            *rest]
     for bad in ("--out", "--resume"):
@@ -172,7 +173,7 @@ def main(argv: list[str]) -> int:
     head = argv[:argv.index("--")] if "--" in argv else argv
     args, rest = _parser().parse_known_args(head)
     runs = Path(args.runs).resolve()
-    spec = JobSpec(root=str(REPO), python=args.python, runs=str(runs), train_args=_train_args(args, rest + tail),
+    spec = JobSpec(python=args.python, runs=str(runs), train_args=_train_args(args, rest + tail),
                    nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
                    cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account, time=args.time,
                    job_name=args.job_name, signal_lead_s=args.signal_lead, sbatch_opts=tuple(args.sbatch_opt))

@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils import load
+
 from cnnscale.errors import UserError, write_error
 from cnnscale.records.io import atomic_write_text
 
@@ -74,8 +76,6 @@ def _check_pickles(ck: Path, rank: int) -> None:
     hold only tensors, numbers and numpy RNG state, which ``accelerate.utils.load`` admits under ``weights_only``;
     anything else (a foreign pickle, a torn file) stops the resume here.
     """
-    from accelerate.utils import load
-
     for f in [*sorted(ck.glob("custom_checkpoint_*.pkl")), ck / f"random_states_{rank}.pkl"]:
         if not f.is_file():
             raise ValueError(f"{f.name} is missing (saved by fewer processes?)")

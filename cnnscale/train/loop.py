@@ -1,7 +1,9 @@
-"""Training on Accelerate: one plain loop that runs on one CPU, on 8 GPUs and across nodes.
+"""``run(cfg)``: one training run on Accelerate, on one CPU, on 8 GPUs or across nodes; and ``cnnscale train``.
 
-``build()`` makes the accelerator, data, model and optimiser; ``train_step()`` is one micro-step; ``evaluate()``
-gathers predictions with ``gather_for_metrics``; ``run(cfg)`` ties them together and writes the run directory.
+``run`` builds each part from its own config section (the accelerator and model in :mod:`.build`, the data in
+:mod:`cnnscale.data.loaders`, the optimiser and schedule in :mod:`.schedule`, the profiler from ``cfg.profile``),
+then runs the loop below, which owns a small :class:`_State`. The step and evaluation are :mod:`.step`; the record
+files are :mod:`.rundir`. A stop signal is a decision (:meth:`preempt.SignalGuard.requested`) that the loop acts on.
 
 The LR scheduler is *not* passed through ``accelerator.prepare`` (its wrapper steps it once per process); it is
 stepped here once per optimiser step, so the schedule depends only on the optimiser-step count.
@@ -9,399 +11,318 @@ stepped here once per optimiser step, so the schedule depends only on the optimi
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import math
 import os
-import socket
 import time
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from cnnscale.config import Config, config_to_dict, global_batch, load_config
-from cnnscale.errors import UserError, write_error
-from cnnscale.profile.timer import build_profiler
-from cnnscale.records import io as records
+from cnnscale.config import Config, global_batch, load_config
+from cnnscale.data import loaders
+from cnnscale.errors import write_error
+from cnnscale.profile.profiler import NullProfiler, build_profiler
 from cnnscale.scaling import memory as zero_memory
 from cnnscale.train import checkpoint, preempt
 from cnnscale.train import deepspeed as ds_config
-from cnnscale.train.progress import make_progress
+from cnnscale.train.build import (
+    apply_fast_path,
+    build_accelerator,
+    build_model,
+    compile_model,
+    mfu_inputs,
+    steps_per_epoch,
+    total_steps,
+)
+from cnnscale.train.preempt import exit_code
+from cnnscale.train.progress import NullProgress, make_progress
+from cnnscale.train.rundir import RunFiles, check_writable, resolve_out
 from cnnscale.train.schedule import build_optimizer, build_scheduler
+from cnnscale.train.step import (
+    ClassificationTask,
+    Task,
+    evaluate,
+    prepare_inputs,
+    skip_batches,
+    sync_context,
+    train_step,
+)
 
-__all__ = ["Task", "ClassificationTask", "Trainer", "build_accelerator", "apply_fast_path", "run", "main", "train_step",
-           "evaluate", "prepare_inputs"]
-
-
-class ClassificationTask:
-    """Cross-entropy (with optional label smoothing) on the model's logits."""
-
-    def __init__(self, label_smoothing: float = 0.0) -> None:
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-
-    def prepare(self, accelerator: Any) -> None:
-        """Hook for tasks that hold extra modules (a distillation teacher)."""
-
-    def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.criterion(model(images), labels)
+__all__ = ["RunResult", "run", "exit_code", "main"]
 
 
-Task = ClassificationTask
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished (or preempted) run hands back to its caller (distill, prune, the CLI)."""
+
+    summary: dict[str, Any]
+    """The summary, also written to ``summary.json`` (status ``ok`` or ``preempted``)."""
+    run_dir: Path
+    """The run directory."""
+    model: nn.Module
+    """The trained model, unwrapped from DDP/DeepSpeed; torch.compile's wrapper is kept (``unwrap_model``'s default)."""
+    is_main: bool
+    """True on the main process, the one that writes records."""
 
 
-def _cache_accelerate_lomo_check() -> None:
-    """AcceleratedOptimizer.step() asks importlib.metadata whether ``lomo_optim`` is installed, twice per step (a
-    filesystem scan, ~0.3 ms: 4% of a LeNet-5 step on CPU). The answer cannot change during a run, so cache it."""
-    import accelerate.optimizer as acc_opt
+@dataclass
+class _Parts:
+    """The built, prepared parts of one run (read-only for the loop)."""
 
-    fn = getattr(acc_opt, "is_lomo_available", None)
-    if fn is not None and not hasattr(fn, "cache_info"):
-        acc_opt.is_lomo_available = functools.cache(fn)
-
-
-def build_accelerator(cfg: Config) -> Any:
-    """Accelerator on CPU (gloo) when there is no GPU, whatever the launcher or config file says."""
-    from accelerate import Accelerator, DataLoaderConfiguration
-
-    _cache_accelerate_lomo_check()
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
-    cpu = not torch.cuda.is_available()
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    # gloo must be named on CPU for DeepSpeed's sake; naming it without a launcher would start a process group.
-    handlers: list[Any] = [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s),
-                                                  backend="gloo" if cpu and launched else None)]
-    ddp = {"bucket_cap_mb": cfg.dist.bucket_mb, "static_graph": cfg.dist.static_graph}
-    if cfg.dist.comm_hook != "none":
-        from accelerate.utils import DDPCommunicationHookType
-
-        ddp["comm_hook"] = {"fp16": DDPCommunicationHookType.FP16, "bf16": DDPCommunicationHookType.BF16}[
-            cfg.dist.comm_hook]
-    handlers.append(DistributedDataParallelKwargs(**ddp))
-    # Under DeepSpeed these two fill the JSON's "auto" values; cpu=True would silently drop DeepSpeed for plain DDP.
-    acc = Accelerator(cpu=cpu and not ds_config.use_deepspeed(), kwargs_handlers=handlers,
-                      mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
-                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    ds_config.configure_deepspeed(acc, cfg)
-    return acc
-
-
-def apply_fast_path(cfg: Config, device: torch.device) -> dict[str, Any]:
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.fast.cudnn_benchmark
-        torch.backends.cuda.matmul.allow_tf32 = cfg.fast.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.fast.tf32
-    cuda = device.type == "cuda"  # cudnn.benchmark and TF32 are GPU switches: recorded as not applied (None) on CPU
-    applied = {"channels_last": cfg.fast.channels_last, "compile": cfg.fast.compile,
-               "cudnn_benchmark": torch.backends.cudnn.benchmark if cuda else None,
-               "tf32": torch.backends.cuda.matmul.allow_tf32 if cuda else None}
-    return {"fast_path": dataclasses.asdict(cfg.fast), "fast_path_applied": applied, "loader": cfg.data.loader}
-
-
-def prepare_inputs(images: torch.Tensor, channels_last: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """channels_last when the fast path asks for it; the model's dtype when DeepSpeed runs the whole model in bf16/fp16
-    (autocast is off under DeepSpeed, so float32 inputs would meet bf16 weights)."""
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images if dtype is None else images.to(dtype)
-
-
-def train_step(accelerator: Any, model: nn.Module, task: ClassificationTask, optimizer: Any, images: torch.Tensor,
-               labels: torch.Tensor, clip_grad: float, prof: Any) -> torch.Tensor:
-    """One micro-step under ``accelerator.accumulate``. Returns the detached loss; no ``.item()`` here."""
-    with accelerator.accumulate(model):
-        with prof.phase("fwd_bwd"):
-            with accelerator.autocast():
-                loss = task.loss(model, images, labels)
-            accelerator.backward(loss)
-        with prof.phase("optim"):
-            if clip_grad and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
-@torch.no_grad()
-def evaluate(accelerator: Any, model: nn.Module, loader: Any, channels_last: bool = False) -> dict[str, float]:
-    """Mean loss and accuracy over the whole set, all ranks gathered (padding duplicates dropped)."""
-    model.eval()
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    correct = torch.zeros((), device=accelerator.device, dtype=torch.int64)
-    n = 0
-    dtype = ds_config.input_dtype(accelerator)
-    for images, labels in loader:
-        images = prepare_inputs(images, channels_last, dtype)
-        with accelerator.autocast():
-            logits = model(images)
-        logits, labels = accelerator.gather_for_metrics((logits.float(), labels))
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-        correct += (logits.argmax(1) == labels).sum()
-        n += labels.numel()
-    model.train()
-    n = max(n, 1)
-    return {"loss": loss_sum.item() / n, "acc": correct.item() / n}  # note: sync point, once per evaluation
+    cfg: Config
+    acc: Any
+    task: Task
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    train_dl: Any
+    val_dl: Any
+    test_dl: Any
+    prof: NullProfiler
+    files: RunFiles
+    total_steps: int
+    in_dtype: torch.dtype | None
+    clip_grad: float
+    n_params: int
+    t_start: float
+    env_extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class _State:
+    """The loop's own state: position (saved in checkpoints), the loss since the last log, the last evaluation."""
+
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
+    loss_sum: Any = None
+    loss_n: int = 0
+    last_loss: float | None = None
+    last_eval: dict[str, float] = field(default_factory=dict)
+    last_eval_step: int = -1
+    t_log: float = 0.0
+
+    def position(self) -> dict[str, int]:
+        return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
 
 
-def _resolve_out(cfg: Config, accelerator: Any) -> Path:
-    from accelerate.utils import broadcast_object_list
-
-    out = cfg.train.resume if cfg.train.resume else cfg.train.out
-    if not out:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = f"runs/{cfg.model.name}-ws{accelerator.num_processes}-{stamp}"
-    holder = [out]
-    broadcast_object_list(holder)
-    return Path(holder[0])
-
-
-def _check_writable(path: Path) -> None:
-    """Fail before anything is written. Root passes every permission bit, but ``os.access`` still reports a read-only
-    mount or an immutable directory to root; a regular file in the way is checked by name."""
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
-    if not existing.is_dir():
-        raise UserError(f"output directory {path} cannot be created: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"output directory is not writable: {existing}")
-
-
-class Trainer:
-    """Holds the prepared objects of one run. ``fit()`` trains and returns the summary dict."""
-
-    def __init__(self, cfg: Config, task: ClassificationTask | None = None, model: nn.Module | None = None) -> None:
-        """``model``: train this module instead of a fresh ``create_model`` (a pruned model keeps its masks)."""
-        from cnnscale.data import loaders as data
-        from cnnscale.models import create_model
-
-        self.cfg = cfg
-        self.t_start = time.time()
-        self.acc = acc = build_accelerator(cfg)
-        torch.manual_seed(cfg.train.seed)
-        self.world = acc.num_processes
-        self.task = task or ClassificationTask(cfg.train.label_smoothing)
-        self.train_dl, self.val_dl, self.test_dl, num_classes = data.build(cfg, acc)
-        if num_classes != cfg.model.num_classes:
-            cfg = self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
-        self.run_dir = _resolve_out(cfg, acc)
-        if acc.is_main_process:
-            _check_writable(self.run_dir)
-        if model is None:
-            model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, width_mult=cfg.model.width_mult)
-        self.n_params = sum(p.numel() for p in model.parameters())
-        if cfg.fast.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.fast_env = apply_fast_path(cfg, acc.device)
-        optimizer = build_optimizer(cfg.optim, model)
-        self.param_counts = zero_memory.param_counts(model)  # before prepare: ZeRO-3 partitions params in place
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        if cfg.fast.compile:
-            self.model = torch.compile(self.model, mode=cfg.fast.compile_mode)
-        self.task.prepare(acc)
-        self.steps_per_epoch = max(math.ceil(len(self.train_dl) / cfg.train.grad_accum), 1)
-        self.total_steps = self._total_steps()
-        # The client optimizer: DeepSpeed's ZeRO optimizer is no torch Optimizer but steps these same param_groups.
-        self.scheduler = build_scheduler(cfg.sched, optimizer, self.steps_per_epoch, self.total_steps)
-        self.in_dtype = ds_config.input_dtype(acc)
-        # DeepSpeed clips inside engine.step (the JSON's gradient_clipping, filled from train.clip_grad).
-        self.clip_grad = 0.0 if ds_config.use_deepspeed() else cfg.train.clip_grad
-        acc.register_for_checkpointing(self.scheduler)
-        self.state = _State()
-        self.prof = build_profiler(cfg.profile.enabled, acc.device, self.world, accelerator=acc, model=self.model,
-                                   total_steps=self.total_steps,
-                                   cfg=cfg, run_dir=self.run_dir)
-
-    def no_sync(self) -> Any:
-        """DDP's no_sync for ``dist.compute_only`` calibration runs, else a no-op context."""
-        if self.cfg.dist.compute_only and hasattr(self.model, "no_sync"):
-            return self.model.no_sync()
-        return contextlib.nullcontext()
-
-    def _total_steps(self) -> int:
-        t = self.cfg.train
-        by_epochs = t.epochs * self.steps_per_epoch if t.epochs else None
-        return min(x for x in (by_epochs, t.max_steps or None) if x is not None)
-
-    # --------------------------------------------------------------------------------------------- records
-    def _write_start(self) -> None:
-        from accelerate.utils import gather_object
-
-        hosts = gather_object([socket.gethostname()])
-        if not self.acc.is_main_process:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        records.write_yaml(self.run_dir / records.CONFIG, config_to_dict(self.cfg))
-        extra = {**self.fast_env, "global_batch": global_batch(self.cfg, self.world),
-                 **ds_config.deepspeed_env(self.acc), **self.prof_env()}
-        extra.update(zero_memory.memory_env(self.param_counts, extra["zero_stage"], self.world, self.cfg.optim,
-                                            extra.get("mixed_precision", self.cfg.train.mixed_precision)))
-        from cnnscale.records.env import collect_env
-
-        records.write_json(self.run_dir / records.ENV, collect_env(self.acc, hosts, extra))
-        summary = {"status": "running", "model": self.cfg.model.name, "world_size": self.world}
-        records.write_json(self.run_dir / records.SUMMARY, summary)  # a resumed run is running again
-        if self.cfg.train.resume:  # steps past the checkpoint are logged again from here
-            records.truncate_metrics(self.run_dir / records.METRICS, self.state.step)
-        self.metrics = records.MetricsLog(self.run_dir / records.METRICS)
-
-    def prof_env(self) -> dict[str, Any]:
-        return getattr(self.prof, "env", lambda: {})()
-
-    def _log(self, record: dict[str, Any]) -> None:
-        if self.acc.is_main_process:
-            self.metrics.log(record)
-
-    # --------------------------------------------------------------------------------------------- loop
-    def fit(self) -> dict[str, Any]:
-        """Train. SIGUSR1/SIGTERM/SIGINT stop it at the next optimiser step with a checkpoint (see preempt)."""
-        with preempt.SignalGuard(self.acc, every=self.cfg.dist.preempt_check_every) as self.signals:
-            return self._fit()
-
-    def _fit(self) -> dict[str, Any]:
-        cfg, acc, st = self.cfg, self.acc, self.state
-        if cfg.train.resume:
-            saved = checkpoint.load_checkpoint(acc, cfg.train.resume)
-            st.step, st.epoch, st.batches_in_epoch = saved["step"], saved["epoch"], saved["batches_in_epoch"]
-        self._write_start()
-        progress = make_progress(cfg.train.progress, self.total_steps, acc.is_main_process, start=st.step)
-        loss_sum = torch.zeros((), device=acc.device)
-        loss_n = 0
-        last_eval: dict[str, float] = {}
-        last_eval_step, last_loss = -1, None
-        self.prof.start()
-        t_log = time.perf_counter()
-        done = st.step >= self.total_steps
-        while not done:
-            self.train_dl.set_epoch(st.epoch)
-            loader = self.train_dl
-            if st.batches_in_epoch:
-                loader = _skip_batches(self.train_dl, st.batches_in_epoch)
-            for images, labels in self.prof.iter_data(loader):
-                images = prepare_inputs(images, cfg.fast.channels_last, self.in_dtype)
-                with self.no_sync():
-                    loss_sum += train_step(acc, self.model, self.task, self.optimizer, images, labels,
-                                           self.clip_grad, self.prof)
-                loss_n += 1
-                st.batches_in_epoch += 1
-                if not acc.sync_gradients:
-                    continue
-                st.step += 1
-                if cfg.sched.name != "plateau":
-                    self.scheduler.step()
-                self.prof.step(images.shape[0] * self.world * cfg.train.grad_accum)
-                progress.advance()
-                if st.step % cfg.train.log_every == 0 or st.step == self.total_steps:
-                    loss = acc.reduce(loss_sum / max(loss_n, 1), "mean").item()  # note: sync point, log steps only
-                    now = time.perf_counter()
-                    rec = {"step": st.step, "epoch": st.epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                           "time_s": time.time() - self.t_start, "interval_s": now - t_log, **self.prof.log_metrics()}
-                    t_log = now
-                    self._log(rec)
-                    progress.log(rec)
-                    loss_sum.zero_()
-                    loss_n = 0
-                    last_loss = loss
-                if cfg.train.ckpt_every and st.step % cfg.train.ckpt_every == 0 and st.step < self.total_steps:
-                    self._save()
-                if st.step < self.total_steps and self.signals.requested(st.step):  # all ranks vote, same answer
-                    progress.close()
-                    return preempt.stop_run(self, self.signals)
-                if st.step >= self.total_steps:
-                    done = True
-                    break
-            if not done or st.batches_in_epoch >= len(self.train_dl):
-                st.epoch, st.batches_in_epoch = st.epoch + 1, 0
-                if cfg.train.eval_every_epoch and self.val_dl is not None:
-                    last_eval, last_eval_step = self._end_epoch(), st.step
-        self.prof.stop()
-        progress.close()
-        self._save()
-        final: dict[str, Any] = {"final_loss": last_loss}
-        if cfg.train.final_eval:
-            test = self._eval("test")
-            final.update({"test_loss": test["loss"], "test_acc": test["acc"]})
-        if self.val_dl is not None and (cfg.train.final_eval or last_eval_step == st.step):
-            val = last_eval if last_eval_step == st.step else self._eval("val")
-            final.update({"val_loss": val["loss"], "val_acc": val["acc"]})
-        return self._finish(final)
-
-    def _eval(self, which: str) -> dict[str, float]:
-        dl = self.val_dl if which == "val" else self.test_dl
-        return evaluate(self.acc, self.model, dl, self.cfg.fast.channels_last)
-
-    def _end_epoch(self) -> dict[str, float]:
-        val = self._eval("val")
-        if self.cfg.sched.name == "plateau":
-            self.scheduler.step(val["loss"])
-        self._log({"step": self.state.step, "epoch": self.state.epoch, "val_loss": val["loss"], "val_acc": val["acc"],
-                   "time_s": time.time() - self.t_start})
-        return val
-
-    def _save(self) -> None:
-        st = self.state
-        checkpoint.save_checkpoint(self.acc, self.run_dir, dataclasses.asdict(st), keep=self.cfg.train.keep_ckpts)
-
-    def _finish(self, final: dict[str, Any]) -> dict[str, Any]:
-        cfg = self.cfg
-        summary = {
-            "status": "ok", "model": cfg.model.name, "world_size": self.world, "params": self.n_params,
-            "micro_batch": cfg.train.micro_batch, "grad_accum": cfg.train.grad_accum,
-            "global_batch": global_batch(cfg, self.world), "mixed_precision": cfg.train.mixed_precision,
-            "steps": self.state.step, "epochs_done": self.state.epoch, "wall_s": time.time() - self.t_start,
-            "loader": cfg.data.loader, "data": cfg.data.name, **final, **self.prof.summary(),
-        }
-        if self.acc.is_main_process:
-            records.write_json(self.run_dir / records.SUMMARY, summary)
-            self.metrics.close()
-        self.acc.wait_for_everyone()
-        return summary
+def _build(cfg: Config, acc: Any, task: Task | None, model: nn.Module | None, t_start: float) -> _Parts:
+    """Every part from its own section; the order keeps the RNG stream of the original trainer (seed, data, model)."""
+    torch.manual_seed(cfg.train.seed)
+    task = task or ClassificationTask(cfg.train.label_smoothing)
+    train_dl, val_dl, test_dl, num_classes = loaders.build(cfg, acc)
+    if num_classes != cfg.model.num_classes:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
+    run_dir = resolve_out(cfg, acc.num_processes)
+    if acc.is_main_process:
+        check_writable(run_dir)
+    model = build_model(cfg.model, cfg.fast, model)
+    n_params = sum(p.numel() for p in model.parameters())
+    fast_env = apply_fast_path(cfg.fast, acc.device)
+    optimizer = build_optimizer(cfg.optim, model)
+    param_counts = zero_memory.param_counts(model)  # before prepare: ZeRO-3 partitions params in place
+    prepared, prepared_opt = acc.prepare(model, optimizer)
+    prepared = compile_model(prepared, cfg.fast)
+    task.prepare(acc)
+    per_epoch = steps_per_epoch(len(train_dl), cfg.train.grad_accum)
+    total = total_steps(cfg.train, per_epoch)
+    # The client optimizer: DeepSpeed's ZeRO optimizer is no torch Optimizer but steps these same param_groups.
+    scheduler = build_scheduler(cfg.sched, optimizer, per_epoch, total)
+    acc.register_for_checkpointing(scheduler)
+    mfu_in, flops = mfu_inputs(cfg)
+    prof = build_profiler(cfg.profile, acc.device, acc.num_processes, accelerator=acc, model=prepared,
+                          run_dir=run_dir, total_steps=total, mfu_inputs=mfu_in, channels_last=cfg.fast.channels_last)
+    # DeepSpeed clips inside engine.step (the JSON's gradient_clipping, filled from train.clip_grad).
+    clip = 0.0 if ds_config.use_deepspeed() else cfg.train.clip_grad
+    parts = _Parts(cfg, acc, task, prepared, prepared_opt, scheduler, train_dl, val_dl, test_dl, prof,
+                   RunFiles(run_dir, acc), total, ds_config.input_dtype(acc), clip, n_params, t_start)
+    parts.env_extra = _env_extra(parts, {**fast_env, "model": cfg.model.name, "params": n_params, **flops},
+                                 param_counts)
+    return parts
 
 
-def _skip_batches(loader: Any, n: int) -> Any:
-    """The rest of the epoch after ``n`` batches: the device loader's own ``skip``, or Accelerate's for a DataLoader."""
-    if hasattr(loader, "skip"):
-        return loader.skip(n)
-    from accelerate import skip_first_batches
+def _env_extra(p: _Parts, extra: dict[str, Any], param_counts: Any) -> dict[str, Any]:
+    """env.json's run-specific fields: fast path, batch, DeepSpeed, profiler set-up, ZeRO memory model, FLOPs."""
+    cfg, world = p.cfg, p.acc.num_processes
+    extra = {**extra, "loader": cfg.data.loader, "global_batch": global_batch(cfg, world),
+             **ds_config.deepspeed_env(p.acc), **p.prof.env()}
+    extra.update(zero_memory.memory_env(param_counts, extra["zero_stage"], world, cfg.optim,
+                                        extra.get("mixed_precision", cfg.train.mixed_precision)))
+    return extra
 
-    return skip_first_batches(loader, n)
+
+def _fit(p: _Parts, guard: preempt.SignalGuard) -> dict[str, Any]:
+    """Resume if asked, train to the end or to a stop signal, then checkpoint, evaluate and write the summary."""
+    cfg, acc = p.cfg, p.acc
+    st = _State(loss_sum=torch.zeros((), device=acc.device))
+    if cfg.train.resume:
+        saved = checkpoint.load_checkpoint(acc, cfg.train.resume)
+        st.step, st.epoch, st.batches_in_epoch = saved["step"], saved["epoch"], saved["batches_in_epoch"]
+    p.files.start(cfg, p.env_extra, st.step if cfg.train.resume else None)
+    progress = make_progress(cfg.train.progress, p.total_steps, acc.is_main_process, start=st.step)
+    p.prof.start()
+    st.t_log = time.perf_counter()
+    stopped = _loop(p, st, guard, progress)
+    p.prof.stop()
+    progress.close()
+    _save(p, st)  # collective: every rank saves its part, rank 0 publishes the directory atomically
+    if stopped:
+        return _finish_preempted(p, st, guard)
+    return _finish(p, st, _final_eval(p, st))
 
 
-def run(cfg: Config, task: ClassificationTask | None = None) -> dict[str, Any]:
-    """Train one run described by ``cfg``; returns the summary (also written to ``summary.json``)."""
+def _loop(p: _Parts, st: _State, guard: preempt.SignalGuard, progress: NullProgress) -> bool:
+    """Train from ``st`` to the last step; True when the ranks agreed to stop on a signal first."""
+    cfg, acc = p.cfg, p.acc
+    done = st.step >= p.total_steps
+    while not done:
+        p.train_dl.set_epoch(st.epoch)
+        for images, labels in p.prof.iter_data(skip_batches(p.train_dl, st.batches_in_epoch)):
+            images = prepare_inputs(images, cfg.fast.channels_last, p.in_dtype)
+            with sync_context(p.model, cfg.dist.compute_only):
+                st.loss_sum += train_step(acc, p.model, p.task, p.optimizer, images, labels, p.clip_grad, p.prof)
+            st.loss_n += 1
+            st.batches_in_epoch += 1
+            if not acc.sync_gradients:
+                continue
+            st.step += 1
+            _after_step(p, st, progress, images.shape[0])
+            if st.step < p.total_steps and guard.requested(st.step):  # all ranks vote, same answer
+                return True
+            if st.step >= p.total_steps:
+                done = True
+                break
+        if not done or st.batches_in_epoch >= len(p.train_dl):
+            st.epoch, st.batches_in_epoch = st.epoch + 1, 0
+            if cfg.train.eval_every_epoch and p.val_dl is not None:
+                st.last_eval, st.last_eval_step = _end_epoch(p, st), st.step
+    return False
+
+
+def _after_step(p: _Parts, st: _State, progress: NullProgress, micro_batch: int) -> None:
+    """After an optimiser step: the schedule, the profiler, the log line (log steps only), a periodic checkpoint."""
+    cfg = p.cfg
+    if cfg.sched.name != "plateau":
+        p.scheduler.step()
+    p.prof.step(micro_batch * p.acc.num_processes * cfg.train.grad_accum)
+    progress.advance()
+    if st.step % cfg.train.log_every == 0 or st.step == p.total_steps:
+        loss = p.acc.reduce(st.loss_sum / max(st.loss_n, 1), "mean").item()  # note: sync point, log steps only
+        now = time.perf_counter()
+        rec = {"step": st.step, "epoch": st.epoch, "loss": loss, "lr": p.scheduler.get_last_lr()[0],
+               "time_s": time.time() - p.t_start, "interval_s": now - st.t_log, **p.prof.log_metrics()}
+        st.t_log, st.loss_n, st.last_loss = now, 0, loss
+        st.loss_sum.zero_()
+        p.files.log(rec)
+        progress.log(rec)
+    if cfg.train.ckpt_every and st.step % cfg.train.ckpt_every == 0 and st.step < p.total_steps:
+        _save(p, st)
+
+
+def _end_epoch(p: _Parts, st: _State) -> dict[str, float]:
+    val = evaluate(p.acc, p.model, p.val_dl, p.cfg.fast.channels_last)
+    if p.cfg.sched.name == "plateau":
+        p.scheduler.step(val["loss"])
+    p.files.log({"step": st.step, "epoch": st.epoch, "val_loss": val["loss"], "val_acc": val["acc"],
+                 "time_s": time.time() - p.t_start})
+    return val
+
+
+def _final_eval(p: _Parts, st: _State) -> dict[str, Any]:
+    """The last logged loss, the test set (``train.final_eval``) and the validation set (reused from the epoch's
+    end when that was this very step)."""
+    cfg, cl = p.cfg, p.cfg.fast.channels_last
+    final: dict[str, Any] = {"final_loss": st.last_loss}
+    if cfg.train.final_eval:
+        test = evaluate(p.acc, p.model, p.test_dl, cl)
+        final.update({"test_loss": test["loss"], "test_acc": test["acc"]})
+    if p.val_dl is not None and (cfg.train.final_eval or st.last_eval_step == st.step):
+        val = st.last_eval if st.last_eval_step == st.step else evaluate(p.acc, p.model, p.val_dl, cl)
+        final.update({"val_loss": val["loss"], "val_acc": val["acc"]})
+    return final
+
+
+def _save(p: _Parts, st: _State) -> None:
+    checkpoint.save_checkpoint(p.acc, p.files.run_dir, st.position(), keep=p.cfg.train.keep_ckpts)
+
+
+def _finish(p: _Parts, st: _State, final: dict[str, Any]) -> dict[str, Any]:
+    cfg, world = p.cfg, p.acc.num_processes
+    summary = {
+        "status": "ok", "model": cfg.model.name, "world_size": world, "params": p.n_params,
+        "micro_batch": cfg.train.micro_batch, "grad_accum": cfg.train.grad_accum,
+        "global_batch": global_batch(cfg, world), "mixed_precision": cfg.train.mixed_precision,
+        "steps": st.step, "epochs_done": st.epoch, "wall_s": time.time() - p.t_start,
+        "loader": cfg.data.loader, "data": cfg.data.name, **final, **p.prof.summary(),
+    }
+    p.files.finish(summary)
+    p.acc.wait_for_everyone()
+    return summary
+
+
+def _finish_preempted(p: _Parts, st: _State, guard: preempt.SignalGuard) -> dict[str, Any]:
+    run_dir = p.files.run_dir
+    summary = preempt.preempted_summary(guard.name, model=p.cfg.model.name, world_size=p.acc.num_processes,
+                                        steps=st.step, epochs_done=st.epoch, total_steps=p.total_steps,
+                                        wall_s=time.time() - p.t_start, run_dir=run_dir)
+    p.files.finish(summary)
+    if p.files.is_main:
+        print(preempt.stop_message(summary, run_dir), flush=True)
+    p.acc.wait_for_everyone()  # the summary exists before any rank exits (srun --kill-on-bad-exit ends the rest)
+    return summary
+
+
+def _run_dir_error(exc: OSError, run_dir: Path) -> Exception | None:
+    """Disk full / read-only while writing records: a one-line UserError; None for a file outside the run."""
+    outside = exc.filename and not Path(os.path.abspath(exc.filename)).is_relative_to(run_dir.absolute())
+    return None if outside else write_error(exc, run_dir, "the run directory")
+
+
+def run(cfg: Config, task: Task | None = None, model: nn.Module | None = None) -> RunResult:
+    """Train one run described by ``cfg``; the summary is also written to ``summary.json``.
+
+    ``task``: the loss (default cross-entropy; distillation passes one holding its teacher). ``model``: train this
+    module instead of a fresh one (a pruned model keeps its masks). SIGUSR1/SIGTERM/SIGINT stop the run at the next
+    vote step with a checkpoint (status ``preempted``). The process group is destroyed before returning, on every
+    rank and on every path, so no communication thread outlives the run."""
     preempt.watch_parent()
-    trainer = Trainer(cfg, task)
+    t_start = time.time()
+    acc = build_accelerator(cfg)
     try:
-        return trainer.fit()
-    except OSError as exc:  # disk full / read-only while writing records: one line (the checkpoint says its own)
-        outside = exc.filename and not Path(os.path.abspath(exc.filename)).is_relative_to(trainer.run_dir.absolute())
-        user = None if outside else write_error(exc, trainer.run_dir, "the run directory")
+        return _run(cfg, acc, task, model, t_start)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # drop the parts (DDP holds the process group) before _shutdown
+        raise
+    finally:
+        _shutdown(acc)
+
+
+def _run(cfg: Config, acc: Any, task: Task | None, model: nn.Module | None, t_start: float) -> RunResult:
+    p = _build(cfg, acc, task, model, t_start)
+    try:
+        with preempt.SignalGuard(acc, every=p.cfg.dist.preempt_check_every) as guard:
+            summary = _fit(p, guard)
+    except OSError as exc:  # the checkpoint says its own
+        user = _run_dir_error(exc, p.files.run_dir)
         if user is None:
             raise
         raise user from exc
-    finally:
-        trainer.acc.end_training()
+    return RunResult(summary, p.files.run_dir, acc.unwrap_model(p.model), acc.is_main_process)
+
+
+def _shutdown(acc: Any) -> None:
+    """Release the prepared objects (the DDP wrapper holds the process group), then destroy the process group, so
+    that its C++ communication threads are joined here and none is alive at interpreter exit (a joinable thread torn
+    down at exit aborts with "terminate called without an active exception"). Costs one gc.collect()."""
+    acc.free_memory()
+    acc.end_training()  # destroy_process_group() (the preempt vote's gloo side group with it), on every rank
 
 
 def main(argv: list[str] | None = None) -> int:
     """``cnnscale train`` / ``launch/train.py``: ``--model NAME [--config FILE] [--section.field value ...]``."""
     argv = list(argv or [])
-    if "-h" in argv or "--help" in argv:
-        from cnnscale.config import SHORT_FLAGS
-
-        print("usage: cnnscale train [--config FILE.yaml] [--model NAME] [--section.field VALUE ...]\n\nflags: "
-              + ", ".join(SHORT_FLAGS) + "\nany config field: --section.field value (see cnnscale/config.py)")
-        return 0
-    summary = run(load_config(argv))
-    return preempt.exit_code(summary)
+    return exit_code(run(load_config(argv)).summary)  # load_config prints --help (every flag) and exits 0

@@ -18,15 +18,15 @@ abort without a checkpoint.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from cnnscale.records import io as records
-
-__all__ = ["SignalGuard", "stop_run", "exit_code", "install_early", "watch_parent", "EXIT_PREEMPTED",
-           "EXIT_INTERRUPTED", "HANDLED_SIGNALS"]
+__all__ = ["SignalGuard", "preempted_summary", "stop_message", "exit_code", "install_early", "watch_parent",
+           "EXIT_PREEMPTED", "EXIT_INTERRUPTED", "HANDLED_SIGNALS"]
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", which is what a requeue does
 EXIT_INTERRUPTED = 130  # the shell convention for SIGINT
@@ -83,6 +83,7 @@ class SignalGuard:
         self._previous.clear()
 
     def _setup_vote(self) -> None:
+        # torch is imported here, not at the top: install_early() runs before the entry points' slow torch import.
         import torch
         import torch.distributed as dist
 
@@ -104,7 +105,7 @@ class SignalGuard:
             return False
         if self._world == 1:
             return self.signum is not None
-        import torch.distributed as dist
+        import torch.distributed as dist  # loaded by _setup_vote already; see there why not at the top
 
         self._buf.fill_(self.signum or 0)
         dist.all_reduce(self._buf, op=dist.ReduceOp.MAX, group=self._group)  # note: blocking, ~0.1 ms on gloo
@@ -114,22 +115,17 @@ class SignalGuard:
         return bool(agreed)
 
 
-def stop_run(trainer: Any, guard: SignalGuard) -> dict[str, Any]:
-    """Checkpoint (all ranks), write ``summary.json`` with status ``preempted`` (rank 0), and return that summary."""
-    acc, st = trainer.acc, trainer.state
-    trainer.prof.stop()
-    trainer._save()  # collective: every rank saves its part, rank 0 publishes the directory atomically
-    summary = {"status": "preempted", "signal": guard.name, "model": trainer.cfg.model.name,
-               "world_size": trainer.world, "steps": st.step, "epochs_done": st.epoch,
-               "total_steps": trainer.total_steps, "wall_s": time.time() - trainer.t_start,
-               "resume": f"--resume {trainer.run_dir}"}
-    if acc.is_main_process:
-        records.write_json(trainer.run_dir / records.SUMMARY, summary)
-        trainer.metrics.close()
-        print(f"preempted by {guard.name} at step {st.step}/{trainer.total_steps}: checkpoint saved in "
-              f"{trainer.run_dir}/checkpoints (resume with --resume {trainer.run_dir})", flush=True)
-    acc.wait_for_everyone()  # the summary exists before any rank exits (srun --kill-on-bad-exit ends the rest)
-    return summary
+def preempted_summary(signal_name: str | None, *, model: str, world_size: int, steps: int, epochs_done: int,
+                      total_steps: int, wall_s: float, run_dir: Path) -> dict[str, Any]:
+    """The ``summary.json`` of a run stopped by a signal at optimiser step ``steps``, with its resume hint."""
+    return {"status": "preempted", "signal": signal_name, "model": model, "world_size": world_size, "steps": steps,
+            "epochs_done": epochs_done, "total_steps": total_steps, "wall_s": wall_s, "resume": f"--resume {run_dir}"}
+
+
+def stop_message(summary: dict[str, Any], run_dir: Path) -> str:
+    """The one line printed by rank 0 when a run stops on a signal."""
+    return (f"preempted by {summary['signal']} at step {summary['steps']}/{summary['total_steps']}: checkpoint saved "
+            f"in {run_dir}/checkpoints (resume with --resume {run_dir})")
 
 
 def exit_code(summary: dict[str, Any]) -> int:
@@ -149,8 +145,6 @@ def watch_parent(interval_s: float = 1.0) -> threading.Thread | None:
     training on their own. A daemon thread polls ``getppid()``; when the parent changes (re-parented to init or a
     subreaper) the worker exits at once with status 1. Returns the thread, or None outside a launcher.
     """
-    import os
-
     if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
         return None
     parent = os.getppid()

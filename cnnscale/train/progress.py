@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 __all__ = ["make_progress", "NullProgress", "PlainProgress", "RichProgress"]
 
 
@@ -37,8 +39,6 @@ class PlainProgress(NullProgress):
 
 class RichProgress(NullProgress):
     def __init__(self, total: int, start: int = 0) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         self.p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                           TextColumn("{task.fields[info]}"))
         self.task = self.p.add_task("train", total=total, completed=start, info="")

@@ -1,28 +1,23 @@
-"""Run configuration: frozen dataclasses per component, loaded from YAML and overridden from the command line.
+"""Run configuration sections: one frozen dataclass per component, each field with a docstring and a range check.
 
-Precedence: dataclass defaults < ``--config FILE.yaml`` < the short flags (``--model``, ``--lr``, ...) and
-``--section.field value`` overrides. Every error (unknown key, wrong type, out-of-range value) is a one-line
-:class:`~cnnscale.errors.UserError`.
+Each builder takes only its own section (``cfg.data``, ``cfg.optim``, ...). The choices of every string field are
+module constants, defined here once and imported wherever else they are needed (study specs, bench flags).
+A bad value is a one-line :class:`~cnnscale.errors.UserError` raised in ``__post_init__``.
 
 Batch arithmetic is explicit: ``global_batch = micro_batch x grad_accum x world_size``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any
-
-import yaml
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from cnnscale.errors import UserError
 
 __all__ = [
     "Config", "ModelConfig", "DataConfig", "OptimConfig", "SchedConfig", "TrainConfig", "ProfileConfig",
-    "FastConfig", "DistConfig", "load_config", "config_to_dict", "parse_cli", "SHORT_FLAGS", "global_batch",
+    "FastConfig", "DistConfig", "global_batch", "SECTIONS",
+    "OPTIMIZERS", "SCHEDULERS", "PRECISIONS", "DATASETS", "LOADERS", "COMM_HOOKS", "PROGRESS_MODES", "COMPILE_MODES",
 ]
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
@@ -31,6 +26,8 @@ PRECISIONS = ("no", "fp16", "bf16")
 DATASETS = ("cifar10", "imagefolder", "synthetic")
 LOADERS = ("torch", "device")
 COMM_HOOKS = ("none", "fp16", "bf16")
+PROGRESS_MODES = ("auto", "rich", "plain", "none")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -42,8 +39,16 @@ def _choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> No
     _check(value in choices, f"{section}.{name}: unknown value {value!r} (choose from: {', '.join(choices)})")
 
 
+def _choices(section: str, obj: object) -> None:
+    """Check every field named in ``obj.CHOICES`` against its choices."""
+    for name, choices in getattr(obj, "CHOICES", {}).items():
+        _choice(section, name, getattr(obj, name), choices)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
+    """model: which registered network to build, and its size."""
+
     name: str = "resnet18"
     """Registered model name (``cnnscale models`` lists them)."""
     width_mult: float | None = None
@@ -58,6 +63,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """data: the data set, its split and the loader that feeds it."""
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"name": DATASETS, "loader": LOADERS}
+    """The string fields with a fixed set of values."""
+
     name: str = "cifar10"
     """cifar10 (torchvision), imagefolder (DIR/train, DIR/test in ImageFolder layout) or synthetic."""
     data_dir: str = "data"
@@ -84,8 +94,7 @@ class DataConfig:
     """Use only the first N test images (0: all)."""
 
     def __post_init__(self) -> None:
-        _choice("data", "name", self.name, DATASETS)
-        _choice("data", "loader", self.loader, LOADERS)
+        _choices("data", self)
         for n in ("val_size", "num_workers", "limit_train", "limit_test"):
             _check(getattr(self, n) >= 0, f"data.{n} must be >= 0, got {getattr(self, n)}")
         _check(self.synthetic_size > 0, f"data.synthetic_size must be > 0, got {self.synthetic_size}")
@@ -93,6 +102,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """optim: the optimiser and its hyper-parameters."""
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"name": OPTIMIZERS}
+    """The string fields with a fixed set of values."""
+
     name: str = "sgd"
     """sgd, adam, adamw or rmsprop."""
     lr: float = 0.1
@@ -109,7 +123,7 @@ class OptimConfig:
     """Denominator epsilon (adam, adamw, rmsprop)."""
 
     def __post_init__(self) -> None:
-        _choice("optim", "name", self.name, OPTIMIZERS)
+        _choices("optim", self)
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _check(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
@@ -118,6 +132,11 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class SchedConfig:
+    """sched: the learning-rate schedule, a function of the optimiser-step count."""
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"name": SCHEDULERS}
+    """The string fields with a fixed set of values."""
+
     name: str = "cosine"
     """none, step, multistep, cosine, plateau or onecycle. Lengths are in epochs, applied per optimiser step."""
     warmup_epochs: float = 0.0
@@ -138,7 +157,7 @@ class SchedConfig:
     """plateau: epochs without val-loss improvement before decaying."""
 
     def __post_init__(self) -> None:
-        _choice("sched", "name", self.name, SCHEDULERS)
+        _choices("sched", self)
         _check(self.warmup_epochs >= 0, f"sched.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         _check(0 < self.warmup_start_factor <= 1, "sched.warmup_start_factor must be in (0, 1]")
         _check(self.step_size > 0, f"sched.step_size must be > 0, got {self.step_size}")
@@ -149,6 +168,11 @@ class SchedConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """train: run length, batch arithmetic, precision, checkpoints and the run directory."""
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"mixed_precision": PRECISIONS, "progress": PROGRESS_MODES}
+    """The string fields with a fixed set of values."""
+
     epochs: int = 0
     """Epochs to train (0: bounded by max_steps instead; if both are 0, one epoch)."""
     max_steps: int = 0
@@ -187,17 +211,18 @@ class TrainConfig:
         _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         _check(self.micro_batch >= 1, f"train.micro_batch must be >= 1, got {self.micro_batch}")
         _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
-        _choice("train", "mixed_precision", self.mixed_precision, PRECISIONS)
+        _choices("train", self)
         _check(self.clip_grad >= 0, f"train.clip_grad must be >= 0, got {self.clip_grad}")
         _check(0 <= self.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _check(self.ckpt_every >= 0, f"train.ckpt_every must be >= 0, got {self.ckpt_every}")
         _check(self.keep_ckpts >= 1, f"train.keep_ckpts must be >= 1, got {self.keep_ckpts}")
-        _choice("train", "progress", self.progress, ("auto", "rich", "plain", "none"))
 
 
 @dataclass(frozen=True)
 class ProfileConfig:
+    """profile: what is measured (a no-op profiler when off)."""
+
     enabled: bool = True
     """Measure throughput, step split, memory, utilisation and MFU (a no-op object when off)."""
     warmup_steps: int = 2
@@ -222,6 +247,11 @@ class ProfileConfig:
 
 @dataclass(frozen=True)
 class FastConfig:
+    """fast: memory format, compilation and backend switches."""
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"compile_mode": COMPILE_MODES}
+    """The string fields with a fixed set of values."""
+
     channels_last: bool = False
     """Use channels_last memory format for model and inputs."""
     compile: bool = False
@@ -234,12 +264,16 @@ class FastConfig:
     """Allow TF32 matmul/conv on Ampere+ GPUs."""
 
     def __post_init__(self) -> None:
-        _choice("fast", "compile_mode", self.compile_mode,
-                ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+        _choices("fast", self)
 
 
 @dataclass(frozen=True)
 class DistConfig:
+    """dist: DDP settings, the collective timeout and the stop-signal vote."""
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"comm_hook": COMM_HOOKS}
+    """The string fields with a fixed set of values."""
+
     timeout_s: int = 120
     """Collective timeout: a dead rank ends the job after at most this long (PyTorch's default is 30 min)."""
     bucket_mb: int = 25
@@ -259,195 +293,36 @@ class DistConfig:
         _check(self.timeout_s >= 5, f"dist.timeout_s must be >= 5, got {self.timeout_s}")
         _check(self.bucket_mb >= 1, f"dist.bucket_mb must be >= 1, got {self.bucket_mb}")
         _check(self.preempt_check_every >= 1, f"dist.preempt_check_every must be >= 1, got {self.preempt_check_every}")
-        _choice("dist", "comm_hook", self.comm_hook, COMM_HOOKS)
+        _choices("dist", self)
 
 
 @dataclass(frozen=True)
 class Config:
+    """The whole run: one section per component; each builder takes only its own section."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
+    """Which network."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The data set and its loader."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimiser."""
     sched: SchedConfig = field(default_factory=SchedConfig)
+    """The learning-rate schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Run length, batch, precision, checkpoints, run directory."""
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """What is measured."""
     fast: FastConfig = field(default_factory=FastConfig)
+    """Speed switches (channels_last, compile, cuDNN, TF32)."""
     dist: DistConfig = field(default_factory=DistConfig)
+    """Distributed settings."""
+
+
+# section name -> its dataclass, in the order of Config's fields
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "sched": SchedConfig,
+                             "train": TrainConfig, "profile": ProfileConfig, "fast": FastConfig, "dist": DistConfig}
 
 
 def global_batch(cfg: Config, world_size: int) -> int:
     """``micro_batch x grad_accum x world_size``: images per optimiser step."""
     return cfg.train.micro_batch * cfg.train.grad_accum * world_size
-
-
-# Short flags shared by launch/train.py, `cnnscale train` and slurm/train.sbatch.
-SHORT_FLAGS: dict[str, str] = {
-    "--model": "model.name",
-    "--data": "data.name",
-    "--data-dir": "data.data_dir",
-    "--epochs": "train.epochs",
-    "--max-steps": "train.max_steps",
-    "--micro-batch": "train.micro_batch",
-    "--grad-accum": "train.grad_accum",
-    "--lr": "optim.lr",
-    "--mixed-precision": "train.mixed_precision",
-    "--out": "train.out",
-    "--resume": "train.resume",
-    "--seed": "train.seed",
-    "--loader": "data.loader",
-}
-
-
-def _sections() -> dict[str, type]:
-    return {f.name: f.type if isinstance(f.type, type) else globals()[f.type] for f in fields(Config)}
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check/convert one value against a dataclass field annotation (given as a string under PEP 563)."""
-    if isinstance(tp, str):
-        tp = eval(tp, globals(), {})  # our own annotations only
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(key, value, args[0])
-    if origin is tuple:
-        inner = typing.get_args(tp)[0]
-        if not isinstance(value, list | tuple):
-            value = [value]
-        return tuple(_coerce(key, v, inner) for v in value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise UserError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise UserError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if value is False:  # YAML 1.1 reads a bare `no` (mixed_precision: no) as false
-            return "no"
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
-            return str(value)
-        raise UserError(f"{key}: expected a string, got {value!r}")
-    return value
-
-
-def _apply(base: Config, overrides: dict[str, dict[str, Any]], source: str) -> Config:
-    sections = _sections()
-    new_sections = {}
-    for sec, values in overrides.items():
-        if sec not in sections:
-            raise UserError(f"{source}: unknown section {sec!r} (choose from: {', '.join(sections)})")
-        if not isinstance(values, dict):
-            raise UserError(f"{source}: section {sec!r} must be a mapping, got {type(values).__name__}")
-        cls = sections[sec]
-        ftypes = {f.name: f.type for f in fields(cls)}
-        kw = {}
-        for k, v in values.items():
-            if k not in ftypes:
-                raise UserError(f"{source}: unknown key '{sec}.{k}' (valid keys: {', '.join(ftypes)})")
-            kw[k] = _coerce(f"{sec}.{k}", v, ftypes[k])
-        new_sections[sec] = dataclasses.replace(getattr(base, sec), **kw)
-    return dataclasses.replace(base, **new_sections)
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with ``safe_load``; a missing file or syntax error is a one-line UserError."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{p}: YAML syntax error{where}: {getattr(exc, 'problem', exc)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{p}: expected a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def _parse_scalar(text: str) -> Any:
-    try:
-        return yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError:
-        return text
-
-
-def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, dict[str, Any]]]:
-    """Split ``argv`` into a ``--config`` path and nested overrides. Unknown flags are errors."""
-    config_path = None
-    overrides: dict[str, dict[str, Any]] = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise UserError(f"unexpected argument {arg!r} (options are --flag value or --section.field value)")
-        key, eq, inline = arg.partition("=")
-        takes_optional = key == "--resume"
-        if eq:
-            value, i = inline, i + 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            value, i = argv[i + 1], i + 2
-        elif takes_optional:
-            value, i = "auto", i + 1
-        else:
-            raise UserError(f"{key} needs a value")
-        if key == "--config":
-            config_path = value
-            continue
-        dotted = SHORT_FLAGS.get(key) or key[2:].replace("-", "_")
-        if "." not in dotted:
-            valid = ", ".join([*SHORT_FLAGS, "--config", "--section.field"])
-            raise UserError(f"unknown option {key} (valid: {valid})")
-        sec, _, fld = dotted.partition(".")
-        raw_str = ("train.out", "train.resume", "data.data_dir", "model.name", "train.mixed_precision")  # "no" != False
-        parsed = value if dotted in raw_str else _parse_scalar(value)
-        overrides.setdefault(sec, {})[fld] = parsed
-    return config_path, overrides
-
-
-def load_config(argv: list[str] | None = None, path: str | Path | None = None,
-                overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Build a :class:`Config` from a YAML file and overrides (from ``argv`` or given directly)."""
-    cli_path, cli_over = parse_cli(argv or [])
-    path = path or cli_path
-    try:
-        cfg = Config()
-        if path:
-            cfg = _apply(cfg, load_yaml(path), str(path))
-        for over, src in ((overrides or {}, "overrides"), (cli_over, "command line")):
-            if over:
-                cfg = _apply(cfg, over, src)
-    except TypeError as exc:  # e.g. a dataclass __post_init__ comparing a wrong type
-        raise UserError(f"invalid configuration: {exc}") from None
-    if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1))
-    if cfg.train.resume == "auto" and not cfg.train.out:
-        raise UserError("--resume without a directory resumes --out: give --resume RUN_DIR or --out RUN_DIR")
-    if cfg.train.resume == "auto" and cfg.train.out:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=cfg.train.out))
-    return cfg
-
-
-def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
-    """Plain nested dict (tuples as lists) suitable for YAML/JSON."""
-    out = {}
-    for f in fields(cfg):
-        sec = dataclasses.asdict(getattr(cfg, f.name))
-        out[f.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in sec.items()}
-    return out

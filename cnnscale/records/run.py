@@ -1,0 +1,105 @@
+"""A loaded run directory: its typed records (:mod:`cnnscale.records.schema`), config and metrics; and where runs are.
+
+A run directory is whatever holds a summary.json, an env.json or a point.json (a study point that failed before the
+trainer wrote anything has only point.json). Records of schema 0 (before point.json) kept the study's view of a
+point inside summary.json (``point``, ``exit_warning``); :func:`load_run` turns that into a :class:`Point`, so that
+readers see one shape. Reading never writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cnnscale.errors import UserError
+from cnnscale.records.io import CONFIG, ENV, METRICS, POINT, SUMMARY, read_metrics
+from cnnscale.records.schema import Env, Point, RecordError, Summary, read_env, read_point, read_summary
+
+__all__ = ["Run", "load_run", "find_runs", "legacy_point"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory's records. ``summary`` is None when only the study's point.json is there."""
+
+    path: str
+    summary: Summary | None
+    env: Env
+    point: Point | None
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: list[dict[str, Any]] | None = None
+
+    @property
+    def status(self) -> str:
+        """The study's verdict when it judged the point not ok, else the run's own status."""
+        if self.point is not None and (self.point.status != "ok" or self.summary is None):
+            return self.point.status
+        return self.summary.status if self.summary is not None else "unknown"
+
+
+def legacy_point(summary: Summary) -> Point | None:
+    """The :class:`Point` a schema-0 study wrote into summary.json (``summary.point``), or None when there is none."""
+    meta = summary.point
+    if not meta or summary.model is None or summary.world_size is None:
+        return None
+    try:
+        return Point(study=str(meta.get("study", "")), id=str(meta.get("id", "")), model=summary.model,
+                     world_size=summary.world_size, status=summary.status if summary.status in ("ok", "failed",
+                     "oom", "timeout") else "failed", precision=summary.mixed_precision or "no",
+                     micro_batch=summary.micro_batch, grad_accum=summary.grad_accum or 1,
+                     global_batch=summary.global_batch, scaling=meta.get("scaling", "weak"),
+                     settings=meta.get("settings", "default"), overrides=meta.get("overrides"),
+                     script=meta.get("script"), error=summary.error, exit_warning=summary.exit_warning,
+                     seconds=meta.get("launch_s"))
+    except RecordError as exc:
+        raise RecordError(f"summary.json's point: {exc}") from None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not (path / CONFIG).is_file():
+        return {}
+    try:
+        cfg = yaml.safe_load((path / CONFIG).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise RecordError(f"{path}: corrupt record ({type(exc).__name__} in {CONFIG})") from None
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def load_run(path: str | Path, with_metrics: bool = False) -> Run:
+    """Load one run directory (cost: three small JSON files and a YAML; ``with_metrics`` reads metrics.jsonl).
+
+    Raises :class:`RecordError` (a ValueError) naming the problem when it is no complete run: neither summary.json
+    nor point.json, or a corrupt record; UserError when a record is from a newer cnnscale.
+    """
+    path = Path(path)
+    has_summary, has_point = (path / SUMMARY).is_file(), (path / POINT).is_file()
+    if not has_summary and not has_point:
+        raise RecordError(f"{path}: no {SUMMARY}")
+    summary = read_summary(path) if has_summary else None
+    env = read_env(path) if (path / ENV).is_file() else Env(schema_version=0)
+    point = read_point(path) if has_point else (legacy_point(summary) if summary is not None else None)
+    metrics = read_metrics(path / METRICS) if with_metrics else None
+    return Run(path=str(path), summary=summary, env=env, point=point, config=_read_config(path), metrics=metrics)
+
+
+def _is_run(p: Path) -> bool:
+    return any((p / name).is_file() for name in (SUMMARY, ENV, POINT))
+
+
+def find_runs(roots: list[str | Path]) -> list[Path]:
+    """Every directory under ``roots`` (recursively, checkpoints skipped) that holds a summary, env or point."""
+    found: list[Path] = []
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            raise UserError(f"no such run directory: {root}")
+        if _is_run(root):
+            found.append(root)
+            continue
+        for p in sorted(root.rglob("*")):
+            if p.is_dir() and "checkpoints" not in p.parts and _is_run(p):
+                found.append(p)
+    return found

@@ -1,0 +1,149 @@
+"""Run records -> flat rows (one per run; also the CSV/JSON export rows) with speedup, efficiency and prediction.
+
+Throughput is the run's ``img_per_s`` (images over time). Rows are grouped by model, precision, settings variant
+and per-worker batch (weak scaling; the global batch for strong scaling). Against the group's smallest world size
+N0: ``speedup = tput(N) / tput(N0)`` and ``efficiency = tput(N) · N0 / (N · tput(N0))`` (with N0 = 1, the
+textbook ``tput(N) / (N · tput(1))``). ``pred`` is the scaling model's efficiency (:mod:`cnnscale.scaling.model`) from
+N0's measured step time, the gradient bytes (the parameter count the records state) and the interconnect; ``err``
+is pred - measured, in points. Pure: no files beyond what was loaded, no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cnnscale.records.run import Run
+from cnnscale.report.load import pick_interconnect, run_model, run_params, run_world_size, settings_label
+from cnnscale.scaling import model as scaling
+
+__all__ = ["aggregate", "COLUMNS"]
+
+COLUMNS = ("model", "settings", "precision", "scaling", "world_size", "num_nodes", "micro_batch", "grad_accum",
+           "global_batch", "status", "img_per_s", "speedup", "efficiency", "pred_efficiency", "pred_error_pts",
+           "step_ms", "sync_share", "peak_mem_bytes", "mem_kind", "util_pct", "util_kind", "mfu", "final_loss",
+           "test_acc", "interconnect", "error", "run")
+
+
+def _group_key(row: dict[str, Any]) -> tuple:
+    batch = row["global_batch"] if row["scaling"] == "strong" else (row["micro_batch"] or 0) * row["grad_accum"]
+    return row["model"], row["precision"], row["settings"], row["scaling"], batch
+
+
+def _base_key(row: dict[str, Any]) -> tuple:
+    """The group whose smallest world size is this row's baseline. A compute_only calibration row is measured
+    against the real runs of the same settings, so its efficiency is the co-location loss alone."""
+    model, prec, settings, scal, batch = _group_key(row)
+    stripped = ",".join(p for p in settings.split(",") if p != "compute_only") or "default"
+    return model, prec, stripped, scal, batch
+
+
+def _sort_key(row: dict[str, Any]) -> tuple:
+    """Model, then default settings and fp32 first, then batch and world size."""
+    model, prec, settings, scal, batch = _group_key(row)
+    return (model, settings != "default", settings, prec != "no", prec, scal, batch or 0, row["world_size"],
+            row["run"])
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _base_row(run: Run) -> dict[str, Any]:
+    """The row's own figures, from summary.json, the study's point.json and env.json."""
+    s, p, env = run.summary, run.point, run.env
+    get = (lambda k: getattr(s, k)) if s is not None else (lambda k: None)
+    pget = (lambda k: getattr(p, k)) if p is not None else (lambda k: None)
+    gpu = get("max_memory_allocated_bytes") is not None
+    util = get("gpu_util_pct_mean")
+    failed_point = p is not None and p.status != "ok"
+    return {
+        "model": run_model(run), "settings": settings_label(run),
+        "precision": _first(get("mixed_precision"), pget("precision")) or "no",
+        "scaling": pget("scaling") or "weak", "world_size": run_world_size(run), "num_nodes": env.num_nodes or 1,
+        "micro_batch": _first(get("micro_batch"), pget("micro_batch")),
+        "grad_accum": _first(get("grad_accum"), pget("grad_accum")) or 1,
+        "global_batch": _first(get("global_batch"), pget("global_batch")), "status": run.status,
+        "img_per_s": get("img_per_s"), "step_ms": get("step_ms_p50"), "sync_share": get("sync_share"),
+        "peak_mem_bytes": get("max_memory_allocated_bytes") if gpu else get("peak_rss_bytes"),
+        "mem_kind": "gpu" if gpu else "rss", "util_pct": util if util is not None else get("cpu_percent"),
+        "util_kind": "gpu" if util is not None else "cpu", "mfu": get("mfu"), "final_loss": get("final_loss"),
+        "test_acc": get("test_acc"), "error": pget("error") if failed_point else _first(get("error"), pget("error")),
+        "run": run.path, "speedup": None, "efficiency": None, "pred_efficiency": None, "pred_error_pts": None,
+        "interconnect": None, "pred_calibrated": False,
+    }
+
+
+def _coloc_key(row: dict[str, Any]) -> tuple:
+    return row["model"], row["precision"], row["micro_batch"], row["grad_accum"], row["world_size"]
+
+
+def _colocated_steps(pairs: list[tuple[dict[str, Any], Run]]) -> dict[tuple, float]:
+    """Step time (s) of ``dist.compute_only`` calibration runs: N processes sharing the machine, no all-reduce."""
+    out = {}
+    for row, run in pairs:
+        if row["status"] == "ok" and row["img_per_s"] and (run.config.get("dist") or {}).get("compute_only"):
+            out[_coloc_key(row)] = row["global_batch"] / row["img_per_s"]
+    return out
+
+
+def _predict(run: Run, params: int, base: dict[str, Any], row: dict[str, Any], ic: scaling.Interconnect,
+             coloc_step_s: float | None = None) -> float:
+    """Predicted efficiency of ``row`` against ``base`` (see the module docstring). ``coloc_step_s``: the measured
+    step time of N processes sharing the machine without communication (a compute_only run); when given, it is the
+    compute time at N instead of the single-worker one, so the model predicts only the communication."""
+    dist = run.config.get("dist") or {}
+    nbytes = scaling.grad_bytes(params, dist.get("comm_hook", "none"))
+    bucket = float(dist.get("bucket_mb", 25))
+    ipw0 = base["micro_batch"] * base["grad_accum"]
+    step0 = base["global_batch"] / base["img_per_s"]
+    # Per-image compute: N0's step time less the communication the model says it exposed there.
+    exposed0 = scaling.step_time_s(step0, nbytes, base["world_size"], ic, bucket) - step0
+    per_img = max(step0 - exposed0, 0.01 * step0) / ipw0
+    n0, n = base["world_size"], row["world_size"]
+
+    def tput(n_: int, ipw: int) -> float:
+        compute = coloc_step_s if (coloc_step_s and n_ == n) else per_img * ipw
+        return n_ * ipw / scaling.step_time_s(compute, nbytes, n_, ic, bucket)
+
+    return tput(n, row["micro_batch"] * row["grad_accum"]) * n0 / (n * tput(n0, ipw0))
+
+
+def _baselines(pairs: list[tuple[dict[str, Any], Run]]) -> dict[tuple, dict[str, Any]]:
+    bases: dict[tuple, dict[str, Any]] = {}
+    for row, _ in pairs:
+        if row["status"] == "ok" and row["img_per_s"] and "compute_only" not in row["settings"]:
+            key = _group_key(row)
+            if key not in bases or row["world_size"] < bases[key]["world_size"]:
+                bases[key] = row
+    return bases
+
+
+def aggregate(runs: list[Run], fits: dict[str, dict[str, Any]] | None = None, interconnect: str | None = None,
+              warnings: list[str] | None = None) -> list[dict[str, Any]]:
+    """Flat rows (see :data:`COLUMNS`), sorted, with speedup, efficiency and the model's prediction filled in.
+
+    A run whose records do not state its parameter count gets no prediction, and one line in ``warnings``.
+    """
+    pairs = sorted(((_base_row(r), r) for r in runs), key=lambda p: _sort_key(p[0]))
+    coloc = _colocated_steps(pairs)
+    bases = _baselines(pairs)
+    for row, run in pairs:
+        base = bases.get(_base_key(row))
+        if row["status"] != "ok" or not row["img_per_s"] or base is None:
+            continue
+        row["speedup"] = row["img_per_s"] / base["img_per_s"]
+        row["efficiency"] = row["speedup"] * base["world_size"] / row["world_size"]
+        if row["world_size"] <= base["world_size"] or "compute_only" in row["settings"]:
+            continue
+        params = run_params(run)
+        if params is None:
+            if warnings is not None:
+                warnings.append(f"{run.path}: its records state no parameter count; pred n/a")
+            continue
+        ic = pick_interconnect(run, fits or {}, interconnect)
+        row["interconnect"] = ic.name
+        calib = coloc.get(_coloc_key(row))
+        row["pred_efficiency"] = _predict(run, params, base, row, ic, calib)
+        row["pred_calibrated"] = calib is not None
+        row["pred_error_pts"] = 100 * (row["pred_efficiency"] - row["efficiency"])
+    return [row for row, _ in pairs]

@@ -1,0 +1,88 @@
+"""``cnnscale study STUDY``: expand a study matrix, run every point as a real multi-process launch (locally or as
+SLURM job arrays), then print the scaling report.
+
+STUDY is a YAML file or the name of a built-in study (``cnnscale study quickstart``; the built-in files are
+package data, :mod:`cnnscale.resources`). A study file (see configs/studies/quickstart.yaml)::
+
+    name: quickstart
+    scaling: weak              # weak: fixed micro_batch per process | strong: fixed global_batch
+    models: [lenet5, {name: resnet18, micro_batches: [16], max_steps: 12}]
+    world_sizes: [1, 2]
+    precisions: [no]
+    micro_batches: [32]        # weak scaling
+    global_batch: 256          # strong scaling
+    max_steps: 20
+    data: synthetic
+    timeout_s: 600             # per point; the whole process group is killed after it
+    threads_per_process: 1     # OMP_NUM_THREADS per process (CPU); 0 leaves it alone (GPU)
+    overrides: {data.num_workers: 0}                     # passed to every point as --section.field value
+    settings: {default: {}, bf16_hook: {dist.comm_hook: bf16}, bare: {script: launch/bench_ddp_bare.py}}
+    max_batch: {start: 1024, steps: 3}                   # optional: largest micro-batch that fits, per model
+    allreduce_bench: true      # fit the "measured" interconnect (cnnscale.study.allreduce_bench) into the study dir
+
+The batch rules are in :mod:`cnnscale.study.matrix`, the local runner in :mod:`cnnscale.study.local`, the SLURM one
+in :mod:`cnnscale.study.slurm`. The command imports no torch: every point is a subprocess.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from cnnscale.config import CommandParser
+from cnnscale.report import main as report
+from cnnscale.resources import find_builtin
+from cnnscale.study.launcher import BACKENDS, build_command
+from cnnscale.study.local import run_study
+from cnnscale.study.matrix import expand, point_args
+from cnnscale.study.outcome import is_done
+from cnnscale.study.slurm import run_slurm_study
+from cnnscale.study.spec import StudySpec, load_spec
+
+__all__ = ["main", "dry_run"]
+
+
+def dry_run(spec: StudySpec, out: Path) -> None:
+    """Print every point (done or todo) with the command that would launch it; run nothing."""
+    for p in expand(spec):
+        run_dir = out / p.id
+        state = "done" if is_done(run_dir, p) else "todo"
+        cmd = build_command(p.script, point_args(p, spec, run_dir), p.world_size, 0, spec.launcher)
+        print(f"{state}  {p.id}  global_batch={p.global_batch}\n      {' '.join(cmd)}")
+
+
+def _parser() -> CommandParser:
+    ap = CommandParser(prog="cnnscale study", description="Run a scaling study: models x world sizes x "
+                                 "precision x batch, one real multi-process launch per point, then print the report.")
+    ap.add_argument("file", metavar="STUDY", help="study YAML, or a built-in study's name (e.g. quickstart)")
+    ap.add_argument("--out", help="study directory (default: runs/<name>)")
+    ap.add_argument("--dry-run", action="store_true", help="list the points and their commands, run nothing")
+    ap.add_argument("--backend", default="local", choices=sorted([*BACKENDS, "slurm"]), help="where points run")
+    ap.add_argument("--slurm", nargs="?", const="", default=None, metavar="SBATCH_OPTS",
+                    help="run the points as SLURM job arrays (slurm/study.sbatch), wait, then report; extra sbatch "
+                    "options as one string: --slurm='--partition=gpu --account=x'")
+    ap.add_argument("--timeout", type=float, help="override the per-point timeout (s)")
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    """``cnnscale study STUDY [--out DIR] [--dry-run] [--slurm[=OPTS]] [--timeout S]``."""
+    args = _parser().parse_args(argv)
+    spec = load_spec(find_builtin("studies", args.file))
+    if args.timeout:
+        spec = replace(spec, timeout_s=args.timeout)
+    out = Path(args.out or f"runs/{spec.name}").resolve()
+    if args.dry_run:
+        dry_run(spec, out)
+        return 0
+    t0 = time.monotonic()
+    if args.slurm is not None or args.backend == "slurm":
+        results = run_slurm_study(spec, out, args.slurm or "")
+    else:
+        results = run_study(spec, out, BACKENDS[args.backend]())
+    bad = sum(r.status != "ok" for r in results)
+    print(f"study {spec.name}: {len(results)} points, {bad} not ok, {time.monotonic() - t0:.0f} s -> {out}",
+          file=sys.stderr)
+    return report.main([str(out), "--plots", str(out / "plots")])

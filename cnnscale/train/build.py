@@ -1,0 +1,140 @@
+"""Builders of a run's parts, each from its own config section: the accelerator, the model, the fast path, the run's
+length and its FLOP count. The optimiser and LR schedule builders are in :mod:`cnnscale.train.schedule`, the data
+loaders in :mod:`cnnscale.data.loaders`, the profiler in :mod:`cnnscale.profile.profiler`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+from datetime import timedelta
+from typing import Any
+
+import accelerate.optimizer as acc_opt
+import torch
+import torch._dynamo  # noqa: F401  (imported before the process group starts: see below)
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs
+from torch import nn
+
+from cnnscale.config import Config, FastConfig, ModelConfig, TrainConfig
+from cnnscale.models import create_model
+from cnnscale.profile.flops import count_flops
+from cnnscale.profile.mfu import MfuInputs
+from cnnscale.train import deepspeed as ds_config
+
+# Imported here, before build_accelerator starts the process group, on purpose. Both are imported during every run
+# anyway (torch._dynamo by the first optimiser, deepspeed by accelerate's unwrap_model/save_state), but first imported
+# AFTER init_process_group they keep the gloo group alive past destroy_process_group (measured with torch 2.14 and
+# deepspeed 0.19: its C++ threads pt_gloo_runloop x2 and gloo_tcp_loop then still run at interpreter exit, where a
+# joinable thread torn down aborts with "terminate called without an active exception").
+with contextlib.suppress(ImportError):
+    import deepspeed  # noqa: F401  (optional dependency)
+
+__all__ = ["build_accelerator", "apply_fast_path", "build_model", "compile_model", "steps_per_epoch", "total_steps",
+           "model_flops", "train_flops_per_image", "mfu_inputs"]
+
+
+def _cache_accelerate_lomo_check() -> None:
+    """AcceleratedOptimizer.step() asks importlib.metadata whether ``lomo_optim`` is installed, twice per step (a
+    filesystem scan, ~0.3 ms: 4% of a LeNet-5 step on CPU). The answer cannot change during a run, so cache it."""
+    fn = getattr(acc_opt, "is_lomo_available", None)
+    if fn is not None and not hasattr(fn, "cache_info"):
+        acc_opt.is_lomo_available = functools.cache(fn)
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    """Accelerator on CPU (gloo) when there is no GPU, whatever the launcher or config file says; the DeepSpeed
+    JSON's "auto" values filled from ``cfg``. Starts the process group under a launcher (collective)."""
+    _cache_accelerate_lomo_check()
+    cpu = not torch.cuda.is_available()
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # gloo must be named on CPU for DeepSpeed's sake; naming it without a launcher would start a process group.
+    handlers: list[Any] = [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s),
+                                                  backend="gloo" if cpu and launched else None)]
+    ddp: dict[str, Any] = {"bucket_cap_mb": cfg.dist.bucket_mb, "static_graph": cfg.dist.static_graph}
+    if cfg.dist.comm_hook != "none":
+        ddp["comm_hook"] = {"fp16": DDPCommunicationHookType.FP16, "bf16": DDPCommunicationHookType.BF16}[
+            cfg.dist.comm_hook]
+    handlers.append(DistributedDataParallelKwargs(**ddp))
+    # Under DeepSpeed these two fill the JSON's "auto" values; cpu=True would silently drop DeepSpeed for plain DDP.
+    acc = Accelerator(cpu=cpu and not ds_config.use_deepspeed(), kwargs_handlers=handlers,
+                      mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
+                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    ds_config.configure_deepspeed(acc, cfg)
+    return acc
+
+
+def apply_fast_path(fast: FastConfig | Config, device: torch.device) -> dict[str, Any]:
+    """Set cudnn.benchmark and TF32 for a CUDA device (process-wide flags); return what was asked and applied, for
+    env.json. A whole :class:`Config` is accepted and its ``fast`` section used."""
+    fast = fast.fast if isinstance(fast, Config) else fast
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = fast.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = fast.tf32
+        torch.backends.cudnn.allow_tf32 = fast.tf32
+    # cudnn.benchmark and TF32 are GPU switches: recorded as not applied (None) on CPU
+    applied = {"channels_last": fast.channels_last, "compile": fast.compile,
+               "cudnn_benchmark": torch.backends.cudnn.benchmark if cuda else None,
+               "tf32": torch.backends.cuda.matmul.allow_tf32 if cuda else None}
+    return {"fast_path": dataclasses.asdict(fast), "fast_path_applied": applied}
+
+
+def build_model(mcfg: ModelConfig, fast: FastConfig, model: nn.Module | None = None) -> nn.Module:
+    """A fresh model from the registry (its init consumes the torch RNG), or ``model`` when given (a pruned model
+    keeps its masks), in channels_last when the fast path asks for it. Not prepared, not compiled."""
+    if model is None:
+        model = create_model(mcfg.name, num_classes=mcfg.num_classes, width_mult=mcfg.width_mult)
+    return model.to(memory_format=torch.channels_last) if fast.channels_last else model
+
+
+def compile_model(model: nn.Module, fast: FastConfig) -> nn.Module:
+    """``torch.compile`` the prepared model when ``fast.compile`` (the first steps then pay the compilation)."""
+    return torch.compile(model, mode=fast.compile_mode) if fast.compile else model
+
+
+def steps_per_epoch(n_batches: int, grad_accum: int) -> int:
+    """Optimiser steps in an epoch of ``n_batches`` micro-batches (a last partial accumulation counts as one)."""
+    return max(math.ceil(n_batches / grad_accum), 1)
+
+
+def total_steps(tcfg: TrainConfig, per_epoch: int) -> int:
+    """The run's optimiser steps: ``epochs`` x steps per epoch or ``max_steps``, whichever is set and smaller."""
+    by_epochs = tcfg.epochs * per_epoch if tcfg.epochs else None
+    return min(x for x in (by_epochs, tcfg.max_steps or None) if x is not None)
+
+
+@functools.lru_cache(maxsize=32)
+def _count(name: str, num_classes: int, width_mult: float | None, shape: tuple[int, ...]) -> tuple[float, float]:
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # model init must not consume the training RNG
+        model = create_model(name, num_classes=num_classes, width_mult=width_mult)
+    counts = count_flops(model, input_shape=shape, backward=True)
+    return counts["flops"], counts["fwd_bwd_flops"]
+
+
+def model_flops(mcfg: ModelConfig, image_shape: tuple[int, int, int] = (3, 32, 32)) -> dict[str, float]:
+    """``fwd_flops_per_img`` and ``train_flops_per_img`` (forward+backward), counted by FlopCounterMode on a meta
+    copy of the model (no memory, no compute; about 0.1-1 s for the zoo's models, cached per model config)."""
+    fwd, train = _count(mcfg.name, mcfg.num_classes, mcfg.width_mult, (1, *image_shape))
+    return {"fwd_flops_per_img": fwd, "train_flops_per_img": train}
+
+
+def train_flops_per_image(name: str, num_classes: int = 10, width_mult: float | None = None) -> float:
+    """Forward+backward FLOPs of one 32x32 training image of model ``name`` (cached)."""
+    return model_flops(ModelConfig(name=name, num_classes=num_classes, width_mult=width_mult))["train_flops_per_img"]
+
+
+def mfu_inputs(cfg: Config) -> tuple[MfuInputs, dict[str, float | None]]:
+    """What the profiler's MFU needs, and the FLOP counts for env.json; a counting failure is recorded
+    (``flops_error``), not raised: MFU is then n/a and training goes on."""
+    try:
+        flops: dict[str, float | None] = dict(model_flops(cfg.model))
+        error = None
+    except Exception as exc:  # an exotic model the counter cannot trace
+        flops, error = {"fwd_flops_per_img": None, "train_flops_per_img": None}, f"{type(exc).__name__}: {exc}"
+    inputs = MfuInputs(flops["train_flops_per_img"], cfg.train.mixed_precision, cfg.fast.tf32, error)
+    return inputs, flops
