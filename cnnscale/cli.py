@@ -29,7 +29,7 @@ class Command(NamedTuple):
 
 COMMANDS: dict[str, Command] = {
     "models": Command("cnnscale.models.table:main", "the model zoo: params, MACs, FLOPs, the seed's claims beside"),
-    "train": Command("cnnscale.train.loop:main", "train one run (same flags as launch/train.py)"),
+    "train": Command("cnnscale.train.cli:main", "train one run (same flags as launch/train.py)"),
     "bench": Command("cnnscale.bench.run:main", "benchmark models on synthetic data: img/s, step split, memory, MFU"),
     "study": Command("cnnscale.study.main:main", "run a scaling study (models x world sizes x precision) into runs/"),
     "report": Command("cnnscale.report.main:main", "render a scaling report from run directories (rich, PNG, HTML)"),

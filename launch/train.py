@@ -10,12 +10,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from cnnscale.errors import run_cli  # noqa: E402
-from cnnscale.train.preempt import install_early  # noqa: E402
+from cnnscale.train.cli import main  # noqa: E402
 
 __all__: list[str] = []
-
-install_early()  # keep a SIGUSR1 (preemption notice) that arrives during the slow torch import below
-from cnnscale.train.loop import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_cli(main, prog="train.py"))

@@ -3,12 +3,9 @@
 import sys
 
 from cnnscale.errors import run_cli
-from cnnscale.train.preempt import install_early
+from cnnscale.train.cli import main
 
 __all__: list[str] = []
-
-install_early()  # keep a SIGUSR1 (preemption notice) that arrives during the slow torch import below
-from cnnscale.train.loop import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_cli(main, prog="cnnscale.train"))

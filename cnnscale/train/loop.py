@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnscale.config import Config, global_batch, load_config
+from cnnscale.config import Config, global_batch
 from cnnscale.data import loaders
 from cnnscale.errors import write_error
 from cnnscale.profile.profiler import NullProfiler, build_profiler
@@ -52,7 +52,7 @@ from cnnscale.train.step import (
     train_step,
 )
 
-__all__ = ["RunResult", "run", "exit_code", "main"]
+__all__ = ["RunResult", "run", "exit_code"]
 
 
 @dataclass(frozen=True)
@@ -320,9 +320,3 @@ def _shutdown(acc: Any) -> None:
     down at exit aborts with "terminate called without an active exception"). Costs one gc.collect()."""
     acc.free_memory()
     acc.end_training()  # destroy_process_group() (the preempt vote's gloo side group with it), on every rank
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``cnnscale train`` / ``launch/train.py``: ``--model NAME [--config FILE] [--section.field value ...]``."""
-    argv = list(argv or [])
-    return exit_code(run(load_config(argv)).summary)  # load_config prints --help (every flag) and exits 0
