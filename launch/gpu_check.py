@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
-"""The Python half of launch/gpu_check.sh: the NVML check, finding the data, and the final summary.
+"""The Python half of launch/gpu_check.sh: the NVML check, finding and decoding the data, and the summary.
 
-    python launch/gpu_check.py nvml --out OUT/nvml_check.json [--dry-run]
+    python launch/gpu_check.py nvml --out RES/nvml_check.json [--dry-run]
     python launch/gpu_check.py find-data DIR          # prints the ImageFolder root (the folder with train/, test/)
-    python launch/gpu_check.py summary OUT [--dry-run] [--goal-model resnet18]
+    python launch/gpu_check.py decode ROOT            # decodes train/ and test/ once into the device loader's cache
+    python launch/gpu_check.py summary RES [--write OUT] [--dry-run] [--goal-model resnet18] [--quiet]
 
-``summary`` reads what the shell script wrote into OUT (bench JSONs, nvml_check.json, run directories), prints the
-bench table and the ResNet-18 goal beside the measured figures, writes OUT/gpu_check.json, and exits 1 when a check
-failed (a missed performance goal is reported, not a failure).
+``summary`` reads what the shell script wrote into RES (bench JSONs, nvml_check.json, run directories) and OUT's
+steps.tsv, prints the steps, the bench table and the ResNet-18 goal beside the measured figures, writes
+OUT/gpu_check.json and OUT/summary.txt (the shell script calls it after every step, so a run cut short still says what
+it measured), and exits 1 when a check failed (a missed performance goal is reported, not a failure; a step skipped
+at the deadline is reported as skipped).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import statistics
 import sys
@@ -80,6 +84,19 @@ def find_data(root: Path) -> Path:
     raise UserError(f"no ImageFolder data (a folder with train/ and test/) under {root}")
 
 
+def decode(root: Path) -> None:
+    """Decode the ImageFolder's train and test JPEGs once into the device loader's uint8 cache beside the data, so
+    that every run of the check reuses them instead of decoding 60,000 files again."""
+    # lazy: torch costs ~8 s to import; find-data and summary do without it
+    from cnnscale.config import DataConfig
+    from cnnscale.data.datasets import load_arrays
+
+    t0 = time.perf_counter()
+    sizes = {split: len(load_arrays(DataConfig(name="imagefolder", data_dir=str(root)), 0, split).y)
+             for split in ("train", "test")}
+    print(f"decoded {sizes} from {root} in {time.perf_counter() - t0:.1f} s")
+
+
 def _read(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -145,27 +162,50 @@ def _goal_lines(goal_model: str, fast: dict[str, Any], dry_run: bool) -> tuple[l
     return [goal, got], met
 
 
-def summarise(out: Path, dry_run: bool, goal_model: str) -> int:
-    """Print the bench table, the runs and the goal beside the measured figures; write OUT/gpu_check.json.
-    Returns 1 when a check failed (a missed goal is not a failure)."""
-    console = Console(width=150)
-    bench = {p.stem: _read(p) for p in sorted((out / "bench").glob("*.json"))}
+def read_steps(path: Path) -> list[dict[str, Any]]:
+    """The rows of steps.tsv: name, exit (an int, or "skipped" at the deadline) and seconds."""
+    rows = [ln.split("\t") for ln in path.read_text().splitlines()[1:] if ln.strip()] if path.is_file() else []
+    return [{"step": r[0], "exit": int(r[1]) if r[1].lstrip("-").isdigit() else r[1], "seconds": int(r[2])}
+            for r in rows if len(r) == 3]
+
+
+def _steps_table(steps: list[dict[str, Any]]) -> Table:
+    t = Table(title="steps (exit 124: hit its time cap; skipped: did not fit before the deadline)")
+    for col in ("step", "exit", "seconds"):
+        t.add_column(col, justify="left" if col == "step" else "right")
+    for r in steps:
+        t.add_row(r["step"], str(r["exit"]), str(r["seconds"]))
+    return t
+
+
+def summarise(res: Path, dry_run: bool, goal_model: str, write: Path | None = None, quiet: bool = False) -> int:
+    """Print the steps, the bench table, the runs and the goal beside the measured figures; write gpu_check.json
+    and summary.txt into ``write`` (default ``res``). Returns 1 when a check failed (a missed goal is not one)."""
+    out = write or res
+    console = Console(width=150, record=True, file=io.StringIO() if quiet else None)  # quiet: files only
+    steps = read_steps(out / "steps.tsv")
+    console.print(_steps_table(steps))
+    bench = {p.stem: _read(p) for p in sorted((res / "bench").glob("*.json"))}
     console.print(_bench_table(bench))
-    runs = {p.name: run_figures(p) for p in sorted((out / "runs").glob("*")) if (p / "env.json").is_file()}
+    runs = {p.name: run_figures(p) for p in sorted((res / "runs").glob("*")) if (p / "env.json").is_file()}
     for name, f in runs.items():
         console.print(_run_line(name, f))
     lines, met = _goal_lines(goal_model, runs.get(f"{goal_model}-fast", {}), dry_run)
     for line in lines:
         console.print(line)
-    nvml = _read(out / "nvml_check.json") or {}
-    failures = [n for n, doc in bench.items() if not doc] + ([] if nvml.get("ok") else ["nvml"])
+    nvml = _read(res / "nvml_check.json") or {}
+    failures = [r["step"] + (" (skipped at the deadline)" if r["exit"] == "skipped" else "") for r in steps
+                if r["exit"] != 0]
+    failures += [n for n, doc in bench.items() if not doc] + ([] if nvml.get("ok") else ["nvml"])
     failures += [n for n, f in runs.items() if f["status"] != "ok"]
     if f"{goal_model}-fast" not in runs:
         failures.append(f"{goal_model}-fast run missing")
-    doc = {"dry_run": dry_run, "goal": GOAL, "goal_met": met, "runs": runs, "nvml": nvml,
+    failures = list(dict.fromkeys(failures))
+    doc = {"dry_run": dry_run, "goal": GOAL, "goal_met": met, "steps": steps, "runs": runs, "nvml": nvml,
            "bench": {n: (d or {}).get("models") for n, d in bench.items()}, "failures": failures}
     (out / "gpu_check.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     console.print("checks: " + ("all passed" if not failures else f"FAILED: {', '.join(failures)}"))
+    (out / "summary.txt").write_text(console.export_text())
     return 1 if failures else 0
 
 
@@ -177,17 +217,25 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dry-run", action="store_true")
     p = sub.add_parser("find-data")
     p.add_argument("dir")
+    p = sub.add_parser("decode")
+    p.add_argument("dir")
     p = sub.add_parser("summary")
-    p.add_argument("out")
+    p.add_argument("out", help="the results folder (bench/, runs/, nvml_check.json)")
+    p.add_argument("--write", default=None, help="where gpu_check.json and summary.txt go (and steps.tsv is read)")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--goal-model", default="resnet18")
+    p.add_argument("--quiet", action="store_true", help="write the files, print nothing")
     args = ap.parse_args(argv)
     if args.cmd == "nvml":
         return 0 if nvml_check(Path(args.out), args.dry_run)["ok"] else 1
     if args.cmd == "find-data":
         print(find_data(Path(args.dir)))
         return 0
-    return summarise(Path(args.out), args.dry_run, args.goal_model)
+    if args.cmd == "decode":
+        decode(Path(args.dir))
+        return 0
+    return summarise(Path(args.out), args.dry_run, args.goal_model, Path(args.write) if args.write else None,
+                     args.quiet)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # Set everything up and run the whole test suite (what CI runs).
-#  - installs cnnscale[dev,deepspeed] into .venv;
+#  - installs cnnscale[dev,deepspeed,tensorboard,mlflow,torchao] into .venv;
 #  - as root, starts the local two-node SLURM cluster (slurm/local-cluster.sh) for the SLURM tests; without root
 #    those tests skip with a reason, except under CI (CI=true), where a missing cluster fails the run.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-bash launch/setup.sh dev,deepspeed
+bash launch/setup.sh dev,deepspeed,tensorboard,mlflow,torchao  # the extras tests/test_trackers.py, test_compress.py use
 export CNNSCALE_CACHE_DIR="${CNNSCALE_CACHE_DIR:-$ROOT/.cache}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$CNNSCALE_CACHE_DIR/torch_extensions}"
 mkdir -p "$TORCH_EXTENSIONS_DIR"
 if [ "${CI:-}" = "true" ]; then export CNNSCALE_REQUIRE_SLURM=1; fi
 if [ "$(id -u)" = 0 ] && [ -f slurm/local-cluster.sh ]; then
   bash slurm/local-cluster.sh start netns || { [ "${CNNSCALE_REQUIRE_SLURM:-0}" = 1 ] && exit 1; }
+fi
+# The HTML report's browser test (tests/test_html.py) needs a headless chromium: as root, install Debian's (about
+# 50 s here with the package lists fresh). Without one the test skips with the reason, except under CI, where it fails.
+if [ "$(id -u)" = 0 ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
+  { apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; } \
+    || echo "[test] could not install chromium: tests/test_html.py's browser test will skip (fail under CI)" >&2
 fi
 .venv/bin/ruff check cnnscale tests launch
 exec .venv/bin/python -m pytest -q -ra --durations=15 "$@"

@@ -94,6 +94,28 @@ def make_train_only_imagefolder(ctx: Ctx) -> str:
     return str(ctx.tmp / "trainonly")
 
 
+def make_one_class_imagefolder(ctx: Ctx) -> str:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        d = ctx.tmp / "oneclass" / split / "cat"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(4):
+            Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(d / f"{i}.png")
+    return str(ctx.tmp / "oneclass")
+
+
+# "billion laughs": 9 levels of 10 aliases, 10**9 leaves when expanded, 343 bytes, under a known key
+ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x,x]\n" + "".join(
+    f"{c}: &{c} [{','.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi")) + "sched:\n  milestones: *i\n"
+
+
+def bytes_file(ctx: Ctx, name: str, data: bytes) -> str:
+    p = ctx.tmp / name
+    p.write_bytes(data)
+    return str(p)
+
+
 def empty_dir(ctx: Ctx, name: str) -> str:
     (ctx.tmp / name).mkdir(exist_ok=True)
     return str(ctx.tmp / name)
@@ -237,6 +259,51 @@ CASES: dict[str, tuple[Callable[[Ctx], tuple[list[str], Path]], str]] = {
     "submit-flag-without-value": (lambda c: (["-m", "cnnscale", "submit", "--dry-run", "--nodes"], c.tmp / "none"),
                                   r"--nodes needs a value"),
 }
+# issue 19: ranges from one place, YAML that cannot hurt, the data decides what it can (a fixture of their own, so
+# that each module fixture stays well inside pytest's per-test timeout on a 2-core machine)
+CASES_19: dict[str, tuple[Callable[[Ctx], tuple[list[str], Path]], str]] = {
+    "eta-min-negative": (lambda c: ([*T, *BASE, "--sched.eta_min", "-1", "--out", str(c.out("r1"))], c.out("r1")),
+                         r"sched\.eta_min must be >= 0, got -1\.0"),
+    "eta-min-above-lr": (lambda c: ([*T, *BASE, "--sched.eta_min", "0.5", "--out", str(c.out("r2"))], c.out("r2")),
+                         r"sched\.eta_min must be <= optim\.lr \(0\.1\), got 0\.5"),
+    "seed-negative": (lambda c: ([*T, *BASE, "--seed", "-1", "--out", str(c.out("r3"))], c.out("r3")),
+                      r"train\.seed must be in \[0, 4294967296\), got -1"),
+    "out-name-too-long": (lambda c: ([*T, *BASE, "--out", str(c.tmp / "longname" / ("r" * 300))], c.tmp / "longname"),
+                          r"train\.out: path component 'r+'\.\.\.\(300 chars\) is 300 bytes long"),
+    "width-mult-huge": (lambda c: ([*T, *BASE, "--model", "mobilenet_v2", "--model.width_mult", "1e9",
+                                    "--out", str(c.out("r4"))], c.out("r4")),
+                        r"model\.width_mult must be <= 16 \(a sanity limit"),
+    "synthetic-size-huge": (lambda c: ([*T, *BASE, "--data.synthetic_size", "1000000000", "--out", str(c.out("r5"))],
+                                       c.out("r5")), r"data\.synthetic_size must be <= 100000000 \(a sanity limit"),
+    "synthetic-size-beyond-memory": (lambda c: ([*T, *BASE, "--data.synthetic_size", "100000000",
+                                                "--out", str(c.out("r6"))], c.out("r6")),
+                                     r"data\.synthetic_size 100000000 needs 344\.\d GiB of memory, but [\d.]+ GiB is "
+                                     r"available on this machine"),
+    "yaml-latin1-byte": (lambda c: ([*T, "--config", bytes_file(c, "l1.yaml", b"# caf\xe9\ntrain:\n  seed: 1\n"), *BASE,
+                                     "--out", str(c.out("y6"))], c.out("y6")),
+                         r"l1\.yaml: not UTF-8 text: byte 0xe9 at offset 5 \(line 1\); save the file as UTF-8"),
+    "yaml-duplicate-key": (lambda c: ([*T, "--config", c.file("dup.yaml", "train:\n  seed: 1\n  seed: 2\n"), *BASE,
+                                       "--out", str(c.out("y7"))], c.out("y7")),
+                           r"dup\.yaml: YAML syntax error at line 3, column 3: duplicate key 'seed' "
+                           r"\(first at line 2\)"),
+    "yaml-alias-bomb": (lambda c: ([*T, "--config", c.file("bomb.yaml", ALIAS_BOMB), *BASE,
+                                    "--out", str(c.out("y8"))], c.out("y8")),
+                        r"bomb\.yaml: YAML syntax error at line \d+, column \d+: YAML aliases are not allowed "
+                        r"\(\*a\): write the value out$"),
+    "num-classes-not-the-data": (lambda c: ([*T, *BASE, "--model.num_classes", "100", "--out", str(c.out("c1"))],
+                                            c.out("c1")),
+                                 r"model\.num_classes is 100 but the synthetic data has 10 classes: .*larger_head"),
+    "imagefolder-one-class": (lambda c: ([*T, *BASE, "--data", "imagefolder", "--data-dir",
+                                          make_one_class_imagefolder(c), "--out", str(c.out("c2"))], c.out("c2")),
+                              r"ImageFolder .*oneclass/train has 1 class folder \(cat\): a classifier needs at "
+                              r"least 2"),
+    "study-model-steps-not-a-number": (lambda c: (["-m", "cnnscale", "study", c.file(
+        "s6.yaml", "name: s6\nmodels: [{name: lenet5, max_steps: abc}]\n"), "--dry-run", "--out", str(c.out("st6"))],
+        c.out("st6")), r"s6\.yaml: models\.max_steps: expected an integer, got 'abc'"),
+    "study-model-steps-negative": (lambda c: (["-m", "cnnscale", "study", c.file(
+        "s7.yaml", "name: s7\nmodels: [{name: lenet5, max_steps: -3}]\n"), "--dry-run", "--out", str(c.out("st7"))],
+        c.out("st7")), r"s7\.yaml: model 'lenet5': max_steps must be >= 0, got -3"),
+}
 DEBUG_CASES = ["unknown-model", "yaml-syntax-error", "ckpt-truncated-weights"]
 
 
@@ -276,7 +343,7 @@ def ctx(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _run(ctx: Ctx, kind: str, debug: bool = False) -> Result:
-    argv, watched = CASES[kind][0](ctx)
+    argv, watched = {**CASES, **CASES_19}[kind][0](ctx)
     argv = [*argv, "--debug"] if debug else argv
     before = snapshot(watched)
     proc = subprocess.run([PY, *argv], cwd=ctx.tmp, env=ENV, capture_output=True, text=True, timeout=300)
@@ -292,21 +359,40 @@ def results(ctx: Ctx) -> dict[str, Result]:
     return {f"{k}{' --debug' if d else ''}": f.result() for (k, d), f in futures.items()}
 
 
+@pytest.fixture(scope="module")
+def results_19(ctx: Ctx) -> dict[str, Result]:
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {k: pool.submit(_run, ctx, k) for k in CASES_19}
+    return {k: f.result() for k, f in futures.items()}
+
+
 @pytest.mark.parametrize("kind", list(CASES))
 def test_bad_input_is_one_line_exit_2_no_traceback_no_partial_dir(kind: str, results: dict[str, Result],
                                                                    ctx: Ctx, skip_or_fail) -> None:
     if kind == "out-on-read-only-mount" and ctx.ro_dir is None:
         skip_or_fail("cannot mount a read-only tmpfs here (needs root; CI runs as root)")
-    res = results[kind]
+    _check_one_line(kind, results[kind], CASES[kind][1], ctx)
+
+
+def _check_one_line(kind: str, res: Result, pattern: str, ctx: Ctx) -> None:
     lines = [ln for ln in res.proc.stderr.splitlines() if ln.strip()]
     print(f"{kind}: {lines}")
     assert res.proc.returncode == 2, f"{res.argv}\n{res.proc.stderr[-3000:]}"
     assert len(lines) == 1, res.proc.stderr[-3000:]
     assert "Traceback" not in res.proc.stderr + res.proc.stdout
     assert re.match(r"(train\.py|cnnscale): error: ", lines[0]), lines[0]
-    assert re.search(CASES[kind][1], lines[0]), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
     assert res.after == res.before, f"{kind} left files behind: {res.before} -> {res.after}"
     assert not (ctx.tmp / "PWNED").exists(), "a checkpoint pickle ran code"
+
+
+@pytest.mark.parametrize("kind", list(CASES_19))
+def test_issue_19_input_is_one_short_line_exit_2_no_traceback_no_partial_dir(kind: str, results_19: dict[str, Result],
+                                                                             ctx: Ctx) -> None:
+    """The same checks; and the values a message quotes are cut (~200 characters), so the line stays short."""
+    _check_one_line(kind, results_19[kind], CASES_19[kind][1], ctx)
+    line = results_19[kind].proc.stderr.strip()
+    assert len(line) < 400, line[:1000]
 
 
 @pytest.mark.parametrize("kind", DEBUG_CASES)

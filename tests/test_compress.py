@@ -15,7 +15,15 @@ from cnnscale import cli
 from cnnscale.compress.common import clean_state_dict, eval_accuracy, load_run_model
 from cnnscale.compress.distill import DistillTask, distillation_loss
 from cnnscale.compress.prune import apply_global_l1, make_permanent, sparsity_report
-from cnnscale.compress.quantize import module_counts, quantize_dynamic_seed, quantize_static_fx, size_on_disk
+from cnnscale.compress.quantize import (
+    TORCHAO,
+    lower_pt2e,
+    module_counts,
+    quantize_dynamic_seed,
+    quantize_static_fx,
+    quantize_static_pt2e,
+    size_on_disk,
+)
 from cnnscale.config import config_to_dict, load_config
 from cnnscale.models import create_model
 from cnnscale.records import io as records
@@ -158,6 +166,46 @@ def test_quantize_cli_reports_size_latency(tmp_path, capsys):
     assert v["dynamic"]["conv_float"] == 2 and v["dynamic"]["linear_int8"] == 3
     assert all(r["median_ms"] > 0 and r["test_acc"] is None for r in v.values())  # untrained: no accuracy
     assert "static" in capsys.readouterr().out
+
+
+def _need_torchao(skip_or_fail) -> None:
+    if TORCHAO is None:
+        skip_or_fail("torchao is not installed (pip install -e '.[torchao]'; launch/test.sh installs it)")
+
+
+def test_pt2e_static_quantisation_on_torchao(tmp_path, skip_or_fail):
+    """torchao's PT2E flow quantises the same layers as the old FX path, stays as close to float, is as small; the
+    exported graph takes another batch size (dynamic batch dimension); lowered by inductor it gives the same output."""
+    _need_torchao(skip_or_fail)
+    torch.manual_seed(0)
+    model = create_model("lenet5").eval()
+    calib = [(torch.randn(32, 3, 32, 32), None) for _ in range(4)]
+    q = quantize_static_pt2e(model, calib, batches=4)
+    x = torch.randn(32, 3, 32, 32)
+    with torch.inference_mode():
+        ref, out = model(x), q(x)
+        assert q(x[:5]).shape == (5, 10)
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert module_counts(q) == {"conv_float": 0, "conv_int8": 2, "linear_float": 0, "linear_int8": 3}
+    assert module_counts(model) == {"conv_float": 2, "conv_int8": 0, "linear_float": 3, "linear_int8": 0}
+    assert size_on_disk(q, tmp_path / "q.pt") < size_on_disk(model, tmp_path / "f.pt") / 2
+    lowered, seconds = lower_pt2e(q, x)
+    with torch.inference_mode():
+        low = lowered(x)
+    assert seconds > 0 and (low - out).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_quantize_cli_puts_old_and_new_path_side_by_side(tmp_path, capsys, skip_or_fail):
+    _need_torchao(skip_or_fail)
+    out = tmp_path / "q"
+    assert cli.main(["quantize", "--model", "lenet5", "--repeats", "2", "--warmup", "1", "--calib-batches", "2",
+                     "--batch", "16", "--pt2e-compile", "false", "--out", str(out), *SYN]) == 0
+    rec = read_json(out / "quantize.json")
+    v = rec["variants"]
+    assert sorted(v) == ["dynamic", "float", "pt2e", "static"] and rec["torchao"] == TORCHAO
+    assert v["pt2e"]["conv_int8"] == 2 and v["pt2e"]["linear_int8"] == 3 and v["pt2e"]["median_ms"] > 0
+    assert v["pt2e"]["size_bytes"] < v["float"]["size_bytes"] / 2 and rec["pt2e_compile_s"] is None
+    assert "pt2e" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------- errors

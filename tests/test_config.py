@@ -1,7 +1,8 @@
 """The run config and the one parser, in process: precedence (defaults < YAML < overrides < flags), every field's
-validation (the fields are enumerated from the dataclasses, so none can be forgotten), unknown keys and sections,
-``--help`` listing every flag with its help and default, and study specs' validation. One subprocess checks
-``cnnscale train --help``.
+validation (the fields are enumerated from the dataclasses and each one's values below and above its range are
+derived from the Range declared beside it, so none can be forgotten), unknown keys and sections, ``--help`` listing
+every flag with its help and default, and study specs' validation. Subprocesses check ``cnnscale train --help`` and
+a few out-of-range flags as real CLI calls (exit 2, one line, no traceback, no run directory).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +23,22 @@ from cnnscale.config import (
     SHORT_FLAGS,
     CommandParser,
     Config,
+    ModelConfig,
     coerce,
     field_docs,
     field_types,
     load_config,
     show_default,
 )
+from cnnscale.config.ranges import RANGE, Range, field_range
 from cnnscale.errors import UserError
-from cnnscale.study.spec import SPEC_KEYS, parse_spec
+from cnnscale.study.spec import MODEL_KEYS, SPEC_KEYS, ModelSpec, StudySpec, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_FIELDS = [f"{sec}.{f.name}" for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
-# section.field -> (a value its range/choice check refuses, the nearest value it accepts)
+# hand-picked regressions: section.field -> (a value its range/choice check refuses, the nearest value it accepts);
+# every field is also tried below and above the Range declared beside it (test_each_field_refuses_values_outside...)
 INVALID: dict[str, tuple[Any, Any]] = {
     "model.width_mult": (0, 0.25), "model.num_classes": (1, 2),
     "data.name": ("mnist", "synthetic"), "data.val_size": (-1, 0), "data.loader": ("gpu", "device"),
@@ -53,18 +58,9 @@ INVALID: dict[str, tuple[Any, Any]] = {
     "dist.timeout_s": (4, 5), "dist.bucket_mb": (0, 1), "dist.comm_hook": ("int8", "bf16"),
     "dist.preempt_check_every": (0, 1),
 }
-# fields whose values the dataclass does not restrict beyond their type (why, where it is not obvious)
-UNCONSTRAINED = {
-    "model.name",  # checked against the registry when the model is built (unknown model: test_bad_inputs)
-    "data.data_dir", "data.download", "data.augment", "data.pin_memory", "data.persistent_workers",
-    "optim.nesterov", "optim.alpha", "sched.milestones", "sched.eta_min",
-    "train.seed", "train.eval_every_epoch", "train.final_eval", "train.out", "train.resume",
-    "profile.enabled", "fast.channels_last", "fast.compile", "fast.cudnn_benchmark", "fast.tf32",
-    "dist.static_graph", "dist.compute_only",
-}
 # a value of the wrong type for each kind of annotation, through YAML
 WRONG_TYPE = {"int": "lots", "float": "fast", "bool": "maybe", "str": [1, 2], "tuple[float, ...]": ["a"],
-              "float | None": "wide"}
+              "float | None": "wide", "tuple[str, ...]": [[1]]}
 
 
 def _split(dest: str) -> tuple[str, str]:
@@ -79,9 +75,20 @@ def _yaml(tmp_path: Path, text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- completeness
-def test_every_field_is_either_checked_or_listed_as_unconstrained() -> None:
-    assert set(INVALID) | UNCONSTRAINED == set(ALL_FIELDS), "a new field needs an INVALID or UNCONSTRAINED entry"
-    assert not set(INVALID) & UNCONSTRAINED
+def _range(dest: str) -> Range:
+    sec, fld = _split(dest)
+    return field_range(SECTIONS[sec], fld)
+
+
+def test_every_field_declares_its_range_or_says_why_it_has_none() -> None:
+    for dest in ALL_FIELDS:
+        rng = _range(dest)
+        assert isinstance(rng, Range), f"{dest}: declare it with setting(...) (cnnscale.config.ranges)"
+        sec, fld = _split(dest)
+        constrained = (rng.choices is not None or rng.path or rng.cap is not None
+                       or any(b is not None for b in (rng.ge, rng.gt, rng.le, rng.lt)))
+        assert constrained or rng.free or field_types(SECTIONS[sec])[fld] is bool, f"{dest}: no range and no reason"
+    assert set(INVALID) <= set(ALL_FIELDS)
     assert list(SECTIONS) == [f.name for f in dataclasses.fields(Config)]
 
 
@@ -108,9 +115,155 @@ def test_each_range_and_choice_is_checked_from_flags_and_yaml(dest: str, tmp_pat
         load_config(path=_yaml(tmp_path, f"{sec}:\n  {fld}: {bad!r}\n"))
     cfg = load_config(["--max-steps", "5", f"--{dest}", str(edge)])  # bounded by steps: epochs 0 stays 0
     assert getattr(getattr(cfg, sec), fld) == edge
-    choices = getattr(SECTIONS[sec], "CHOICES", {}).get(fld)
+    choices = field_range(SECTIONS[sec], fld).choices
     for choice in choices or ():
-        assert getattr(getattr(load_config([f"--{dest}", choice]), sec), fld) == choice
+        value = getattr(getattr(load_config([f"--{dest}", choice]), sec), fld)
+        assert value == choice or value == (choice,)
+
+
+def _item_type(tp: Any) -> tuple[Any, bool]:
+    """(the scalar type, whether the field is a tuple of them) of a field annotation."""
+    if typing.get_origin(tp) is tuple:
+        return typing.get_args(tp)[0], True
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return (args[0] if args else tp), False
+
+
+def _outside(rng: Range, tp: Any) -> list[Any]:
+    """Values just below and just above ``rng``, derived from the Range alone: each must be refused."""
+    inner, many = _item_type(tp)
+    step = 1 if inner is int else 1e-6
+    out: list[Any] = ["not-a-choice"] if rng.choices is not None else []
+    out += [rng.ge - step] if rng.ge is not None else []
+    out += [rng.gt] if rng.gt is not None else []
+    out += [rng.le + step] if rng.le is not None else []
+    out += [rng.lt] if rng.lt is not None else []
+    out += [rng.cap + 1 if inner is int else rng.cap * 2] if rng.cap is not None else []
+    out += [float("inf")] if inner is float else []
+    out += ["x" * 300, "a/" + "y" * 256] if rng.path else []
+    out += ["z" * (rng.max_len + 1)] if inner is str and rng.choices is None and not rng.path else []
+    out = [inner(v) if inner in (int, float) else v for v in out]
+    return [[v] for v in out] + ([[]] if rng.nonempty else []) if many else out
+
+
+def _inside(rng: Range, tp: Any) -> list[Any]:
+    """The edges of ``rng`` that it accepts (its bounds, or just inside an open bound)."""
+    inner, many = _item_type(tp)
+    if inner not in (int, float):
+        return []
+    step = 1 if inner is int else 1e-6
+    edges = [rng.ge, None if rng.gt is None else rng.gt + step, rng.le, None if rng.lt is None else rng.lt - step,
+             rng.cap]
+    return [[inner(v)] if many else inner(v) for v in edges if v is not None]
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_as_text(v) for v in value) + "]"
+    return str(value)
+
+
+OUTSIDE = [(dest, v) for dest in ALL_FIELDS for v in _outside(_range(dest), field_types(SECTIONS[_split(dest)[0]])[
+    _split(dest)[1]])]
+
+
+def test_every_constrained_field_has_values_outside_its_range() -> None:
+    tried = {dest for dest, _ in OUTSIDE}
+    for dest in ALL_FIELDS:
+        sec, fld = _split(dest)
+        if field_types(SECTIONS[sec])[fld] is not bool and not _range(dest).free:
+            assert dest in tried, f"{dest}: its Range gives no value to refuse"
+
+
+@pytest.mark.parametrize(("dest", "bad"), OUTSIDE, ids=[f"{d}={str(v)[:20]}" for d, v in OUTSIDE])
+def test_each_field_refuses_values_outside_its_declared_range(dest: str, bad: Any, tmp_path: Path) -> None:
+    sec, fld = _split(dest)
+    pattern = rf"^{re.escape(dest)}(:| must | is )"
+    with pytest.raises(UserError, match=pattern) as flag_error:
+        load_config(["--max-steps", "5", f"--{dest}", _as_text(bad)])
+    with pytest.raises(UserError, match=pattern):
+        load_config(path=_yaml(tmp_path, f"{sec}:\n  {fld}: {_as_text(bad)}\n"))
+    with pytest.raises(UserError, match=pattern):
+        load_config(overrides={sec: {fld: bad}})
+    assert "\n" not in str(flag_error.value) and len(str(flag_error.value)) < 600
+
+
+@pytest.mark.parametrize("dest", ALL_FIELDS)
+def test_each_field_accepts_the_edges_of_its_declared_range(dest: str) -> None:
+    sec, fld = _split(dest)
+    for edge in _inside(_range(dest), field_types(SECTIONS[sec])[fld]):
+        cfg = load_config(["--max-steps", "5", f"--{dest}", _as_text(edge)])
+        got = getattr(getattr(cfg, sec), fld)
+        assert got == (tuple(edge) if isinstance(edge, list) else edge), (dest, edge, got)
+
+
+CLI_CASES = ["sched.eta_min", "train.seed", "train.out", "optim.momentum"]
+
+
+def test_out_of_range_values_as_real_cli_calls(tmp_path: Path) -> None:
+    """A real ``launch/train.py`` per field, with the first value its Range refuses: exit 2, one line on stderr,
+    no traceback, no run directory."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("CNNSCALE_DEBUG", None)
+    procs = {}
+    for i, dest in enumerate(CLI_CASES):
+        bad = _outside(_range(dest), field_types(SECTIONS[_split(dest)[0]])[_split(dest)[1]])[0]
+        out = tmp_path / f"run{i}"
+        argv = [sys.executable, str(REPO / "launch" / "train.py"), "--model", "lenet5", "--data", "synthetic",
+                "--max-steps", "1", f"--{dest}", _as_text(bad)] + ([] if dest == "train.out" else ["--out", str(out)])
+        procs[dest] = (subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True), out)
+    for dest, (proc, out) in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2, (dest, stderr[-2000:])
+        assert len(lines) == 1 and "Traceback" not in stdout + stderr, (dest, stderr[-2000:])
+        assert re.match(rf"train\.py: error: {re.escape(dest)}(:| must )", lines[0]), lines[0]
+        assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+def test_eta_min_is_at_most_lr_a_cross_section_rule_checked_once_on_the_final_values(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"^sched\.eta_min must be <= optim\.lr \(0\.1\), got 0\.5"):
+        load_config(["--sched.eta_min", "0.5"])
+    with pytest.raises(UserError, match=r"^sched\.eta_min must be <= optim\.lr \(0\.01\), got 0\.05"):
+        load_config(["--lr", "0.01", "--sched.eta_min", "0.05"])
+    path = _yaml(tmp_path, "optim:\n  lr: 0.01\nsched:\n  eta_min: 0.05\n")  # fixed by a later source: fine
+    assert load_config(["--config", path, "--lr", "0.1"]).sched.eta_min == 0.05
+    assert load_config(["--sched.eta_min", "0.1"]).sched.eta_min == 0.1  # the edge: eta_min == lr
+
+
+def test_seed_and_path_limits_name_the_problem() -> None:
+    for argv, message in [
+        (["--seed", "-1"], r"^train\.seed must be in \[0, 4294967296\), got -1$"),
+        (["--seed", str(2**32)], r"^train\.seed must be in \[0, 4294967296\), got 4294967296$"),
+        (["--out", "r" * 300], r"^train\.out: path component 'r{60}'\.\.\.\(300 chars\) is 300 bytes long \(a "
+                               r"file name is at most 255\)$"),
+        (["--data-dir", "a\x00b"], r"^data\.data_dir: a path cannot contain a NUL byte"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            load_config(argv)
+
+
+def test_command_flags_use_the_same_ranges() -> None:
+    p = CommandParser("cnnscale toy")
+    p.add_argument("--steps", type=int, ge=1, cap=1000)
+    p.add_argument("--frac", type=float, ge=0, lt=1)
+    assert p.parse_args(["--steps", "1000", "--frac", "0"]).steps == 1000
+    for argv, message in [(["--steps", "0"], r"^--steps must be >= 1, got 0$"),
+                          (["--steps", "1001"], r"^--steps must be <= 1000 \(a sanity limit"),
+                          (["--frac", "1"], r"^--frac must be in \[0, 1\), got 1\.0$"),
+                          (["--frac", "nan"], r"^--frac must be a finite number, got nan$")]:
+        with pytest.raises(UserError, match=message):
+            p.parse_args(argv)
+    with pytest.raises(TypeError):
+        p.add_argument("--name", ge=1)  # bounds on a text flag are a programming error
+
+
+def test_study_keys_declare_their_ranges_too() -> None:
+    for cls, keys in ((StudySpec, SPEC_KEYS), (ModelSpec, MODEL_KEYS)):
+        for key in keys:
+            assert field_range(cls, key) is not None, f"{cls.__name__}.{key}: declare it with setting(...)"
+    assert all(RANGE in f.metadata for f in dataclasses.fields(ModelConfig))
 
 
 @pytest.mark.parametrize("dest", ALL_FIELDS)
@@ -346,3 +499,59 @@ def test_study_values_go_through_the_one_coercion() -> None:
         parse_spec({**BASE_SPEC, "models": [{"name": "lenet5", "batch": 3}]}, "s.yaml")
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.name = "x"  # type: ignore[misc]
+
+
+def test_study_model_entries_are_checked_like_the_study() -> None:
+    with pytest.raises(UserError, match=r"^s\.yaml: model 'lenet5': max_steps must be >= 0, got -3$"):
+        parse_spec({**BASE_SPEC, "models": [{"name": "lenet5", "max_steps": -3}]}, "s.yaml")
+    with pytest.raises(UserError, match=r"^s\.yaml: models\.max_steps: expected an integer, got 'abc'$"):
+        parse_spec({**BASE_SPEC, "models": [{"name": "lenet5", "max_steps": "abc"}]}, "s.yaml")
+    with pytest.raises(UserError, match=r"^s\.yaml: model '': name must not be empty$"):
+        parse_spec({**BASE_SPEC, "models": [{"name": ""}]}, "s.yaml")
+    with pytest.raises(UserError, match=r"^s\.yaml: world_sizes must be integers <= 65536 \(a sanity limit\)"):
+        parse_spec({**BASE_SPEC, "world_sizes": [1, 10**9]}, "s.yaml")
+
+
+# ---------------------------------------------------------------------------------------------- YAML that cannot hurt
+def _yaml_bytes(tmp_path: Path, data: bytes) -> str:
+    p = tmp_path / "cfg.yaml"
+    p.write_bytes(data)
+    return str(p)
+
+
+def test_yaml_is_utf8_a_bom_is_fine_anything_else_names_the_byte(tmp_path: Path) -> None:
+    assert load_config(path=_yaml_bytes(tmp_path, b"\xef\xbb\xbftrain:\n  seed: 3  # caf\xc3\xa9\n")).train.seed == 3
+    with pytest.raises(UserError, match=r"cfg\.yaml: not UTF-8 text: byte 0xe9 at offset 22 \(line 2\); save the "
+                                        r"file as UTF-8$"):
+        load_config(path=_yaml_bytes(tmp_path, b"train:\n  seed: 3 # caf\xe9\n"))
+    with pytest.raises(UserError, match=r"cfg\.yaml: not UTF-8 text: byte 0xff at offset 0 \(line 1\)"):
+        load_config(path=_yaml_bytes(tmp_path, "train: {}\n".encode("utf-16")))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("train:\n  seed: 1\n  seed: 2\n", r"line 3, column 3: duplicate key 'seed' \(first at line 2\)$"),
+    ("train: {}\ntrain: {}\n", r"line 2, column 1: duplicate key 'train' \(first at line 1\)$"),
+    ("a: &x [1]\nsched:\n  milestones: *x\n", r"line 3, column 15: YAML aliases are not allowed \(\*x\)"),
+    ("train:\n  seed: " + "[" * 100 + "]" * 100 + "\n", r"nested deeper than 64 levels"),
+    ("train:\n  seed: " + "9" * 5000 + "\n", r"cfg\.yaml: unreadable YAML value: Exceeds the limit"),
+    ("train:\n  seed: 1\n\x00\n", r"cfg\.yaml: YAML syntax error: unacceptable character #x0000"),
+])
+def test_yaml_refuses_duplicates_aliases_depth_and_monsters(text: str, message: str, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=message) as exc:
+        load_config(path=_yaml(tmp_path, text))
+    assert "\n" not in str(exc.value) and len(str(exc.value)) < 400
+
+
+def test_a_huge_file_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"cfg\.yaml: larger than 1048576 bytes"):
+        load_config(path=_yaml(tmp_path, "# " + "x" * (1 << 20) + "\n"))
+
+
+def test_quoted_values_are_cut_to_about_200_characters(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"^train\.micro_batch: expected an integer, got 'l{200}'\.\.\.\(5000 chars\)$"):
+        load_config(["--micro-batch", "l" * 5000])
+    with pytest.raises(UserError) as exc:
+        load_config(overrides={"sched": {"milestones": [[list(range(1000))] * 1000]}})
+    assert len(str(exc.value)) < 300, str(exc.value)[:500]
+    with pytest.raises(UserError, match=r"unknown key 'train\.k{194}'\.\.\.\(906 chars\) \(valid keys"):
+        load_config(path=_yaml(tmp_path, "train:\n  " + "k" * 900 + ": 1\n"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -129,26 +130,73 @@ def _tiny_archive(path: Path) -> Path:
     return archive
 
 
+def _gpu_check(archive: Path, out: Path, timeout: float, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh"), "--dry-run", str(archive), str(out)],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=cpu_env(threads=2, PYTHON=PY, **env))
+
+
+def _results(out: Path, dest: Path) -> Path:
+    """OUT holds at most 8 files (the GPU machine's limit); the results are one archive without checkpoints."""
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and {p.name for p in files} >= {"summary.txt", "gpu_check.json", "steps.tsv",
+                                                           "results.tar.gz"}, files
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = tar.getnames()
+        assert not [n for n in names if "checkpoints" in n or n.endswith(".pt")], names
+        tar.extractall(dest, filter="data")
+    return dest / "results"
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path: Path) -> None:
     archive = _tiny_archive(tmp_path)
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh"), "--dry-run", str(archive), str(out)],
-                          capture_output=True, text=True, timeout=900, cwd=REPO, env=cpu_env(threads=2, PYTHON=PY))
+    t0 = time.monotonic()
+    proc = _gpu_check(archive, out, timeout=900)
+    assert time.monotonic() - t0 < 850 + 30  # the dry run's deadline, plus packing and the summary
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "goal (resnet18, H100, bf16, fast path): >= 35% MFU, ~100,000 img/s at 3.34 GFLOPs per training image" \
         in proc.stdout
+    res = _results(out, tmp_path / "unpacked")
     steps = [ln.split("\t") for ln in (out / "steps.tsv").read_text().splitlines()[1:]]
     assert [s[0] for s in steps] == ["env", "nvml", "data", "train_baseline", "train_fast", "bench_bf16",
                                      "bench_bf16_channels_last", "bench_bf16_channels_last_compile", "report"]
     assert all(s[1] == "0" for s in steps), steps
     doc = read_json(out / "gpu_check.json")
     assert doc["dry_run"] is True and doc["failures"] == []
+    assert [s["step"] for s in doc["steps"]] == [s[0] for s in steps]
     assert doc["nvml"]["status"].startswith("n/a") and doc["nvml"]["gpu_util_pct_mean"] is None
     fast = doc["runs"]["lenet5-fast"]
     assert fast["status"] == "ok" and fast["loader"] == "device" and fast["mixed_precision"] == "bf16"
     assert fast["fast_path"]["channels_last"] is True and fast["img_per_s_steady"] > 0 and fast["mfu_steady"] > 0
-    bench = read_json(out / "bench" / "bf16_channels_last_compile.json")
+    bench = read_json(res / "bench" / "bf16_channels_last_compile.json")
     assert bench["options"]["compile"] and bench["options"]["channels_last"] and bench["models"][0]["img_per_s"] > 0
-    assert {r["model"] for r in read_json(out / "bench" / "bf16.json")["models"]} == {"lenet5", "resnet18"}
-    assert (out / "report.csv").is_file() and (out / "report.txt").read_text().strip()
+    assert {r["model"] for r in read_json(res / "bench" / "bf16.json")["models"]} == {"lenet5", "resnet18"}
+    assert (res / "report.csv").is_file() and (res / "report.txt").read_text().strip()
+    assert (res / "runs" / "lenet5-fast" / "summary.json").is_file()
+    assert "goal (resnet18" in (out / "summary.txt").read_text()  # the table, also as a file
+    # the data was decoded once, by the data step; the runs found the cache
+    assert "decoded" in (res / "logs" / "data.log").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_check_deadline_skips_what_no_longer_fits(tmp_path: Path) -> None:
+    """A deadline shorter than the first step: that step is cut by its timeout (or just fits), every later one is
+    skipped, and OUT still holds the summary, the steps and the archive within the file limit."""
+    archive = _tiny_archive(tmp_path)
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    proc = _gpu_check(archive, out, timeout=120, GPU_CHECK_DEADLINE="8")
+    wall = time.monotonic() - t0
+    assert proc.returncode == 1 and wall < 8 + 10 + 30, (wall, proc.stdout[-3000:])  # deadline + kill + packing
+    steps = [ln.split("\t") for ln in (out / "steps.tsv").read_text().splitlines()[1:]]
+    assert steps[0][0] == "env" and steps[0][1] in ("0", "124"), steps
+    assert [s[0] for s in steps[1:]] == ["nvml", "data", "bench_bf16", "bench_bf16_channels_last",
+                                         "bench_bf16_channels_last_compile", "report"]
+    assert all(s[1] == "skipped" for s in steps[1:]), steps
+    doc = read_json(out / "gpu_check.json")
+    assert "nvml (skipped at the deadline)" in doc["failures"] and "lenet5-fast run missing" in doc["failures"]
+    res = _results(out, tmp_path / "unpacked")
+    assert (res / "logs" / "env.log").is_file()
+    assert "skipped (deadline" in proc.stdout

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -16,14 +17,16 @@ import pytest
 from rich.console import Console
 
 from cnnscale.errors import UserError
-from cnnscale.records.run import Run
-from cnnscale.records.schema import Env, Point, Summary, read_point, write_point
+from cnnscale.records.run import Run, load_run
+from cnnscale.records.schema import Env, Point, Summary, read_point, read_summary, write_point, write_summary
 from cnnscale.report import main as report
 from cnnscale.report.aggregate import COLUMNS, aggregate
+from cnnscale.report.columns import display_rows, table_specs
 from cnnscale.report.load import find_fits, load_records, settings_label
 from cnnscale.report.plots import PIXELS
 from cnnscale.report.predict import predict_rows
 from cnnscale.report.tables import render, render_predict
+from cnnscale.report.verdicts import verdicts
 from cnnscale.scaling import model as scaling
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,7 +96,7 @@ def test_exports_and_plots(tmp_path, capsys):
     assert len(json.loads((out / "r.json").read_text())) == 11
     assert "cnnscale scaling report" in (out / "r.html").read_text()
     assert (out / "r.svg").read_text().lstrip().startswith("<svg")
-    for name in ("throughput.png", "efficiency.png", "memory.png"):
+    for name in ("throughput.png", "efficiency.png", "memory.png", "breakdown.png"):
         data = (out / "plots" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
         assert struct.unpack(">II", data[16:24]) == PIXELS
@@ -172,3 +175,170 @@ def test_report_command_never_imports_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("no torch")
+
+
+# --- a report that fits the terminal, verdicts, repeats, file modes (issue 16) ---
+
+QUICKSTART = "tests/fixtures/quickstart_study"  # the README's quickstart study (first run), as records
+
+
+def _console_text(root: str, width: int) -> tuple[str, list[dict]]:
+    recs, warns = load_records([root])
+    rows = aggregate(recs, find_fits([root], recs), None, warns)
+    console = Console(record=True, width=width, file=io.StringIO(), color_system=None)
+    render(rows, console, warns)
+    return console.export_text(), rows
+
+
+@pytest.mark.parametrize("root", [FIXTURE, QUICKSTART])
+@pytest.mark.parametrize("width", [80, 100, 120])
+def test_every_number_of_every_table_is_whole_at_80_100_and_120_columns(root, width):
+    text, rows = _console_text(root, width)
+    assert "…" not in text and "Not shown at" not in text  # nothing cut, no column dropped
+    assert all(len(line) <= width for line in text.splitlines())
+    for spec in table_specs(rows):
+        shown = [r for r in rows if spec.failed_rows or r["status"] == "ok"]
+        assert shown
+        for label, row in display_rows(shown):
+            cells = [label.strip()] + ([] if row is None else [c.cell(row) for c in spec.columns])
+            # the whole row on one line, each cell whole and in order
+            pattern = r"^\s*" + r"\s+".join(re.escape(c) for c in cells if c) + r"\s*$"
+            assert re.search(pattern, text, re.M), (spec.name, width, cells)
+
+
+def test_a_narrow_terminal_drops_low_priority_columns_and_says_which():
+    text, rows = _console_text(QUICKSTART, 50)
+    assert "…" not in text
+    dropped = re.findall(r"Not shown at 50 columns: ([^(]+) \(see --csv or --html\)", " ".join(text.split()))
+    assert dropped and "batch" in dropped[0] and "speedup" in dropped[0]
+    for r in rows:  # the efficiency itself is never dropped
+        assert f"{r['efficiency']:.2f}" in text
+
+
+def test_units_are_in_the_headers_not_in_the_cells():
+    text, _ = _console_text(QUICKSTART, 120)
+    body = [line for line in text.splitlines() if line.startswith("  ")]
+    assert body and not any(re.search(r"\d (GB|rss|cpu|%)|\dx\b|\d%", line) for line in body)
+
+
+def _u(summary: dict) -> float:
+    return summary["world_size"] / summary["img_per_s"]
+
+
+def _summary(root: str, run: str) -> dict:
+    return json.loads((REPO / root / run / "summary.json").read_text())
+
+
+def test_verdicts_split_the_lost_points_by_cause_from_the_records():
+    recs, _ = load_records([QUICKSTART])
+    found = {v.model: v for v in verdicts(aggregate(recs, find_fits([QUICKSTART], recs)))}
+    assert set(found) == {"lenet5", "mobilenet_v2", "resnet18", "vgg16"}
+    one, two, co = (_summary(QUICKSTART, f"vgg16-ws{n}-no-mb16{s}") for n, s in ((1, ""), (2, ""),
+                                                                                (2, "-compute_only")))
+    share = lambda s, k: s[k] / s["train_time_s"]  # noqa: E731
+    eff = 77.0 / (2 * 50.1)
+    u0, un, uc = _u(one), _u(two), _u(co)
+    shared = 100 * (uc * (1 - share(co, "data_wait_s")) - u0 * (1 - share(one, "data_wait_s"))) / un
+    data = 100 * (un * share(two, "data_wait_s") - u0 * share(one, "data_wait_s")) / un
+    v = found["vgg16"]
+    assert v.world_size == 2 and v.lost_pts == pytest.approx(100 * (1 - eff))
+    assert v.parts["shared machine"] == pytest.approx(shared)
+    assert v.parts["communication"] == pytest.approx(100 * (1 - eff) - shared - data)
+    assert sum(v.parts.values()) == pytest.approx(v.lost_pts)
+    assert v.text.startswith(f"vgg16 loses {100 * (1 - eff):.0f} points at N=2 against N=1 (efficiency 0.77): "
+                             f"{100 * (1 - eff) - shared - data:.0f} to communication (58.9 MB of fp32 gradients")
+    assert f"{shared:.0f} to the shared machine (its compute_only run: efficiency 0.89)" in v.text
+    # every model's parts add up to the points it lost, and each verdict names its N and efficiency
+    for v in found.values():
+        assert sum(v.parts.values()) == pytest.approx(v.lost_pts) and f"(efficiency {v.efficiency:.2f})" in v.text
+
+
+def test_verdicts_without_a_compute_only_run_and_the_settings_that_helped():
+    recs, _ = load_records([FIXTURE])
+    found = {(v.model, v.precision): v for v in verdicts(aggregate(recs, find_fits([FIXTURE], recs)))}
+    v = found[("resnet18", "no")]
+    s2 = _summary("tests/fixtures/runs/cpu_study", "resnet18-ws2-no-mb16")
+    phases = s2["data_wait_s"] + s2["fwd_bwd_s"] + s2["sync_s"] + s2["optim_s"]  # no train_time_s in this record
+    assert v.parts["exposed communication"] == pytest.approx(100 * s2["sync_s"] / phases)
+    assert "slower compute at N" in v.parts and "no compute_only run" in v.text
+    hook = 100 * (24.6 / (2 * 13.1) - 23.4 / (2 * 13.0))
+    assert v.settings_pts == {"bf16_hook": pytest.approx(hook)}
+    assert f"In this study bf16_hook recovered {hook:.1f} points at N=2 (efficiency 0.94 against 0.90" in v.text
+    assert found[("vgg16", "no")].text == "vgg16: only N=1 measured (N=2 ended oom); no scaling to explain."
+    assert found[("nope", "no")].lost_pts is None
+    text, _ = _console_text(FIXTURE, 120)
+    assert "why each model scales as it does" in text and "bf16_hook recovered" in " ".join(text.split())
+
+
+def _repeat(runs: Path, name: str, repeat: int, img_per_s: float) -> None:
+    """A copy of run ``name`` as repetition ``repeat`` with another throughput."""
+    dst = runs / f"{name}-r{repeat}"
+    shutil.copytree(runs / name, dst)
+    s = read_summary(dst)
+    write_summary(dst, Summary.from_dict({**s.to_dict(), "img_per_s": img_per_s}))
+    p = read_point(dst)
+    write_point(dst, Point.from_dict({**p.to_dict(), "repeat": repeat, "id": dst.name}))
+
+
+def test_repeated_points_show_the_median_and_the_range_of_their_efficiency(tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(REPO / QUICKSTART, runs)
+    _repeat(runs, "resnet18-ws2-no-mb16", 1, 40.0)
+    _repeat(runs, "resnet18-ws2-no-mb16", 2, 47.0)
+    recs, _ = load_records([runs])
+    rows = aggregate(recs, find_fits([runs], recs))
+    rep = [r for r in rows if r["model"] == "resnet18" and r["world_size"] == 2 and r["settings"] == "default"]
+    effs = sorted(ips / (2 * 27.0) for ips in (44.5, 40.0, 47.0))
+    assert len(rep) == 3 and {r["repeats"] for r in rep} == {3}
+    assert rep[0]["eff_min"] == pytest.approx(effs[0]) and rep[0]["eff_max"] == pytest.approx(effs[2])
+    console = Console(record=True, width=100, file=io.StringIO(), color_system=None)
+    render(rows, console, [])
+    text = console.export_text()
+    assert re.search(rf"default\s+2\s+32\s+44\.5\s.*{effs[1]:.2f}\s+{effs[0]:.2f}-{effs[2]:.2f} \(3\)", text)
+    assert text.count("44.5") == 1 and "40.0 " not in text  # one line per point: the median run
+
+
+def test_report_files_get_the_users_umask_not_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path
+        assert report.main([QUICKSTART, "--csv", str(out / "r.csv"), "--json", str(out / "r.json"),
+                            "--svg", str(out / "r.svg"), "--html", str(out / "r.html")]) == 0
+        for name in ("r.csv", "r.json", "r.svg", "r.html"):
+            assert (out / name).stat().st_mode & 0o777 == 0o644, name
+        os.umask(0o027)
+        report.main([QUICKSTART, "--csv", str(out / "g.csv")])
+        assert (out / "g.csv").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_the_text_report_imports_neither_torch_nor_matplotlib():
+    code = (f"import sys\nfrom cnnscale.report.main import main\nmain([{QUICKSTART!r}, '--predict'])\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'matplotlib', 'accelerate'))\n"
+            "assert not heavy, heavy\nprint('light')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("light")
+
+
+def test_the_report_reads_only_the_dist_section_of_config_yaml_and_reads_it_right(tmp_path):
+    for run in sorted((REPO / QUICKSTART).iterdir()):
+        if run.is_dir():
+            full = load_run(run).config
+            assert set(full) > {"dist", "model", "train"}
+            assert load_run(run, config_keys=("dist",)).config == {"dist": full["dist"]}
+    odd = tmp_path / "odd"  # not a plain block mapping at the top: parsed whole, the same answer
+    shutil.copytree(REPO / QUICKSTART / "vgg16-ws2-no-mb16", odd)
+    (odd / "config.yaml").write_text("---\n'dist': {comm_hook: bf16}\nmodel: {name: vgg16}\n")
+    assert load_run(odd, config_keys=("dist",)).config == {"dist": {"comm_hook": "bf16"}}
+
+
+def test_bench_report_makes_the_run_directories_and_times_the_report(tmp_path):
+    proc = subprocess.run([sys.executable, "launch/bench_report.py", "--runs", "30", "--rounds", "1", "--keep",
+                           str(tmp_path / "b")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["runs"] == 30 and out["median_s"] > 0
+    recs, warns = load_records([tmp_path / "b"])
+    assert len(recs) == 30 and not warns and len({r.summary.model for r in recs}) == 4 + 4 + 2  # 12 + 12 + 6 runs

@@ -7,8 +7,10 @@ the hard-label ones when ``T`` changes. The KL is the true per-example KL diverg
 
 The teacher is a run directory from ``cnnscale train`` (its ``config.yaml`` names the model, weights come from its
 latest ``checkpoints/step_*/model.safetensors``). :class:`DistillTask` moves it to the device, keeps it in eval mode
-and runs it under ``no_grad``; it is not wrapped in DDP, since it has no gradients. Each rank runs the teacher on its
-own shard, so ``accelerate launch --num_processes N -m cnnscale distill ...`` works as training does.
+and runs it under ``no_grad``; under DeepSpeed bf16/fp16 (which casts the student and its inputs, with no autocast)
+the teacher is cast to the same dtype, so it takes the same inputs. It is not wrapped in DDP, since it has no
+gradients. Each rank runs the teacher on its own shard, so ``accelerate launch --num_processes N -m cnnscale
+distill ...`` works as training does.
 
 The student's data section defaults to the teacher's (same data set, same directory); the usual training flags
 (``--model``, ``--epochs``, ``--data-dir``, ...) and ``--config`` apply on top.
@@ -29,6 +31,7 @@ from cnnscale.config import CommandParser, Config, config_from_args
 from cnnscale.errors import UserError
 from cnnscale.models import get_model_builder
 from cnnscale.records.io import SUMMARY, read_json, write_json
+from cnnscale.train import deepspeed as ds_config
 from cnnscale.train.loop import run
 
 __all__ = ["DistillConfig", "DistillTask", "distillation_loss", "main", "DISTILL_RECORD"]
@@ -75,7 +78,8 @@ class DistillTask:
         self.temperature, self.alpha = temperature, alpha
 
     def prepare(self, accelerator: Any) -> None:
-        self.teacher = self.teacher.to(accelerator.device).eval()
+        """The teacher on the accelerator's device, in the dtype of the model's inputs under DeepSpeed bf16/fp16."""
+        self.teacher = self.teacher.to(accelerator.device, dtype=ds_config.input_dtype(accelerator)).eval()
 
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         student = model(images)

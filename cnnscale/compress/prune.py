@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from torch.nn.utils import prune
 
@@ -40,6 +39,7 @@ from cnnscale.compress.common import (
 from cnnscale.config import CommandParser, Config, config_from_args, config_to_dict
 from cnnscale.errors import UserError
 from cnnscale.records import io as records
+from cnnscale.train.build import process_device
 from cnnscale.train.loop import run
 
 __all__ = ["PruneConfig", "prunable", "apply_global_l1", "make_permanent", "sparsity_report", "main", "PRUNE_RECORD"]
@@ -135,7 +135,7 @@ def main(argv: list[str]) -> int:
         raise UserError("RUN_DIR is required: cnnscale prune RUN_DIR --amount 0.5")
     model, src_cfg = load_run_model(ns.source)
     cfg = _finetune_config(parser, ns, pcfg, src_cfg)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = process_device(cfg)  # the accelerator's device for this rank (cuda:LOCAL_RANK), before run() makes it
     loader = eval_loader(cfg)
     before = eval_accuracy(model.to(device), loader, device)
     names = apply_global_l1(model, pcfg.amount, pcfg.include_linear)

@@ -1,5 +1,6 @@
 """Run configuration: frozen dataclasses per component (:mod:`.sections`), loaded from YAML and the command line
-(:mod:`.load`) through the one parser (:mod:`.argv`) and the one coercion (:mod:`.coerce`) of every command.
+(:mod:`.load`, safe YAML in :mod:`.yamlfile`) through the one parser (:mod:`.argv`), the one coercion
+(:mod:`.coerce`) and the one range validator (:mod:`.ranges`) of every command.
 
 ``from cnnscale.config import Config, load_config, ...`` is the public surface; nothing here imports torch.
 """
@@ -18,6 +19,7 @@ from cnnscale.config.load import (
     parse_cli,
     train_parser,
 )
+from cnnscale.config.ranges import Range, check_fields, setting, short
 from cnnscale.config.sections import (
     COMM_HOOKS,
     COMPILE_MODES,
@@ -46,5 +48,5 @@ __all__ = [
     "OPTIMIZERS", "SCHEDULERS", "PRECISIONS", "DATASETS", "LOADERS", "COMM_HOOKS", "PROGRESS_MODES", "COMPILE_MODES",
     "load_config", "config_from_args", "train_parser", "apply_overrides", "parse_cli", "load_yaml", "config_to_dict",
     "SHORT_FLAGS", "CommandParser", "choice_type", "number_type", "show_default",
-    "coerce", "parse_text", "field_types", "field_docs", "from_mapping",
+    "coerce", "parse_text", "field_types", "field_docs", "from_mapping", "Range", "setting", "check_fields", "short",
 ]

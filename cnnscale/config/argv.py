@@ -5,7 +5,9 @@
 - raises :class:`~cnnscale.errors.UserError` instead of printing usage and exiting, so
   :func:`~cnnscale.errors.run_cli` prints one line and exits 2 (``--help`` still prints help and exits 0);
 - checks ``type=int`` / ``type=float`` / ``choices=`` with :func:`~cnnscale.config.coerce.coerce`:
-  ``--steps: expected an integer, got 'x'``, ``--ratios: unknown value 'x' (choose from: a, b)``;
+  ``--steps: expected an integer, got 'x'``, ``--ratios: unknown value 'x' (choose from: a, b)``, and a number's
+  range with the config fields' own :class:`~cnnscale.config.ranges.Range` (``add_argument(..., type=int, ge=1,
+  cap=10**6)``: ``--steps must be >= 1, got 0``);
 - turns a frozen dataclass into ``--section.field`` flags (:meth:`CommandParser.add_section`), each with the field's
   docstring as help and its default shown, and reads them back as that dataclass (:meth:`CommandParser.section`);
 - names an unknown flag with the valid ones (``unknown option --x (valid: ...)``), an unknown ``--section.field``
@@ -24,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from cnnscale.config.coerce import coerce, field_docs, field_types, from_mapping, type_label
+from cnnscale.config.ranges import Range, field_range, short
 from cnnscale.errors import UserError
 
 __all__ = ["CommandParser", "show_default", "choice_type", "number_type"]
@@ -40,10 +43,17 @@ def show_default(value: Any) -> str:
     return repr(value) if value == "" else str(value)
 
 
-def number_type(flag: str, tp: type) -> Callable[[str], Any]:
-    """argparse ``type=`` for an int/float flag, through :func:`coerce` (``--steps: expected an integer, ...``)."""
+_RANGE_KEYS = ("ge", "gt", "le", "lt", "cap")
+
+
+def number_type(flag: str, tp: type, rng: Range | None = None) -> Callable[[str], Any]:
+    """argparse ``type=`` for an int/float flag, through :func:`coerce` (``--steps: expected an integer, ...``),
+    then ``rng`` (``--steps must be >= 1, got 0``)."""
     def convert(text: str) -> Any:
-        return coerce(flag, text, tp, text=True)
+        value = coerce(flag, text, tp, text=True)
+        if rng is not None:
+            rng.check(flag, value)
+        return value
     convert.__name__ = tp.__name__
     return convert
 
@@ -53,7 +63,7 @@ def choice_type(flag: str, choices: Sequence[Any], tp: Callable[[str], Any] | No
     def convert(text: str) -> Any:
         value = tp(text) if tp is not None else text
         if value not in choices:
-            raise UserError(f"{flag}: unknown value {value!r} (choose from: {', '.join(map(str, choices))})")
+            raise UserError(f"{flag}: unknown value {short(value)} (choose from: {', '.join(map(str, choices))})")
         return value
     return convert
 
@@ -64,11 +74,15 @@ def _flag_name(args: Sequence[str], kwargs: Mapping[str, Any]) -> str:
 
 
 def _typed(args: Sequence[str], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Route argparse's ``type=int|float`` and ``choices=`` through the one coercion and error style."""
+    """Route argparse's ``type=int|float`` (with ``ge=``/``gt=``/``le=``/``lt=``/``cap=`` bounds) and ``choices=``
+    through the one coercion, range check and error style."""
     flag = _flag_name(args, kwargs)
     tp = kwargs.get("type")
+    bounds = {k: kwargs.pop(k) for k in _RANGE_KEYS if k in kwargs}
+    if bounds and tp not in (int, float):
+        raise TypeError(f"{flag}: range bounds need type=int or type=float")
     if tp in (int, float):
-        kwargs["type"] = tp = number_type(flag, tp)
+        kwargs["type"] = tp = number_type(flag, tp, Range(**bounds) if bounds else None)
     if kwargs.get("choices") is not None:
         choices = tuple(kwargs.pop("choices"))
         kwargs["type"] = choice_type(flag, choices, tp)
@@ -155,8 +169,9 @@ class CommandParser(argparse.ArgumentParser):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = "required" if default is dataclasses.MISSING else f"default: {show_default(default)}"
         doc = field_docs(cls).get(fld, "")
-        choices = getattr(cls, "CHOICES", {}).get(fld)
-        metavar = "{" + ",".join(choices) + "}" if choices else type_label(tp)
+        rng = field_range(cls, fld)
+        choices = rng.choices if rng is not None else None
+        metavar = "{" + ",".join(choices) + "}" if choices and tp is str else type_label(tp)
         kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "metavar": metavar,
                               "type": lambda text: coerce(dest, text, tp, text=True),
                               "help": (doc if "default" in doc else f"{doc} ({shown})").replace("%", "%%").lstrip()}
@@ -208,18 +223,19 @@ class CommandParser(argparse.ArgumentParser):
         arg = rest[0]
         if not arg.startswith("-"):
             forms = "--flag value" + (" or --section.field value" if self._sections else "")
-            return UserError(f"unexpected argument {arg!r} (options are {forms})")
+            return UserError(f"unexpected argument {short(arg)} (options are {forms})")
         key = arg.partition("=")[0]
         sec, dot, fld = key[2:].partition(".")
         if dot and self._sections and key.startswith("--"):
             if sec not in self._sections:
-                return UserError(f"command line: unknown section {sec!r} (choose from: {', '.join(self._sections)})")
-            return UserError(f"command line: unknown key '{sec}.{fld}' "
+                return UserError(f"command line: unknown section {short(sec)} "
+                                 f"(choose from: {', '.join(self._sections)})")
+            return UserError(f"command line: unknown key {short(f'{sec}.{fld}')} "
                              f"(valid keys: {', '.join(field_types(self._sections[sec]))})")
         valid = [o for a in self._actions for o in a.option_strings
                  if o.startswith("--") and o != "--help" and not (a.dest in self._section_flags and o == f"--{a.dest}")]
         valid += ["--section.field"] if self._sections else []
-        return UserError(f"unknown option {key} (valid: {', '.join(valid)})")
+        return UserError(f"unknown option {key[:200]} (valid: {', '.join(valid)})")
 
     def error(self, message: str) -> NoReturn:
         """argparse's errors as one-line UserErrors (``--lr needs a value``)."""

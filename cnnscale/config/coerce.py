@@ -16,8 +16,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-import yaml
-
+from cnnscale.config.ranges import short
+from cnnscale.config.yamlfile import load_yaml_text
 from cnnscale.errors import UserError
 
 __all__ = ["coerce", "parse_text", "field_types", "field_docs", "from_mapping", "type_label"]
@@ -26,10 +26,11 @@ T = TypeVar("T")
 
 
 def parse_text(text: str) -> Any:
-    """A command-line value read as a YAML scalar or flow list (``8`` -> 8, ``true`` -> True, ``[1, 2]``)."""
+    """A command-line value read as a YAML scalar or flow list (``8`` -> 8, ``true`` -> True, ``[1, 2]``), by the
+    same safe reader as config files (:mod:`cnnscale.config.yamlfile`)."""
     try:
-        return yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError:
+        return load_yaml_text(text, "command line") if text != "" else ""
+    except UserError:  # not YAML (or an alias, a duplicate key, an over-long integer): the text itself
         return text
 
 
@@ -44,13 +45,13 @@ def _scalar(key: str, value: Any, tp: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise UserError(f"{key}: expected true/false, got {value!r}")
+        raise UserError(f"{key}: expected true/false, got {short(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise UserError(f"{key}: expected an integer, got {value!r}")
+        raise UserError(f"{key}: expected an integer, got {short(value)}")
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
@@ -59,13 +60,13 @@ def _scalar(key: str, value: Any, tp: Any) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise UserError(f"{key}: expected a number, got {value!r}")
+        raise UserError(f"{key}: expected a number, got {short(value)}")
     if tp is str:
         if value is False:  # YAML 1.1 reads a bare `no` (mixed_precision: no) as false
             return "no"
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
-        raise UserError(f"{key}: expected a string, got {value!r}")
+        raise UserError(f"{key}: expected a string, got {short(value)}")
     return value
 
 
@@ -128,7 +129,7 @@ def from_mapping(cls: type[T], values: Mapping[str, Any], where: str, prefix: st
     kw = {}
     for k, v in values.items():
         if k not in types_:
-            raise UserError(f"{where}: unknown key '{prefix}{k}' (valid keys: {', '.join(types_)})")
+            raise UserError(f"{where}: unknown key {short(f'{prefix}{k}')} (valid keys: {', '.join(types_)})")
         kw[k] = coerce(f"{prefix}{k}", v, types_[k], text=text)
     try:
         return dataclasses.replace(base, **kw) if base is not None else cls(**kw)

@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cnnscale.config.argv import CommandParser
 from cnnscale.config.coerce import from_mapping
+from cnnscale.config.ranges import short
 from cnnscale.config.sections import SECTIONS, Config
+from cnnscale.config.yamlfile import read_yaml_file
 from cnnscale.errors import UserError
 
 __all__ = ["load_config", "config_from_args", "train_parser", "apply_overrides", "parse_cli", "load_yaml",
@@ -39,22 +39,17 @@ SHORT_FLAGS: dict[str, str] = {
     "--resume": "train.resume",
     "--seed": "train.seed",
     "--loader": "data.loader",
+    "--device": "train.device",
 }
 _BARE = {"--resume": "auto"}  # short flags that may be given without a value
 _USAGE = "%(prog)s [-h] [--config FILE.yaml] [--model NAME] [--short-flag VALUE ...] [--section.field VALUE ...]"
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with ``safe_load``; a missing file or syntax error is a one-line UserError."""
+    """Read a YAML mapping with the safe reader (:func:`~cnnscale.config.yamlfile.read_yaml_file`: UTF-8, no
+    aliases, no duplicate keys, bounded size); a missing file, bad bytes or bad YAML is a one-line UserError."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{p}: YAML syntax error{where}: {getattr(exc, 'problem', exc)}") from None
+    data = read_yaml_file(p)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -62,17 +57,26 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(base: Config, overrides: dict[str, Any], source: str) -> Config:
-    """``base`` with ``{section: {field: value}}`` applied, each value coerced and range-checked; errors name
-    ``source`` (a file name, "overrides" or "command line")."""
-    new = {}
+def _apply(sections: dict[str, Any], overrides: dict[str, Any], source: str) -> dict[str, Any]:
+    """``{section: dataclass}`` with ``{section: {field: value}}`` applied, each value coerced and range-checked."""
+    new = dict(sections)
     for sec, values in overrides.items():
         if sec not in SECTIONS:
-            raise UserError(f"{source}: unknown section {sec!r} (choose from: {', '.join(SECTIONS)})")
+            raise UserError(f"{source}: unknown section {short(sec)} (choose from: {', '.join(SECTIONS)})")
         if not isinstance(values, dict):
-            raise UserError(f"{source}: section {sec!r} must be a mapping, got {type(values).__name__}")
-        new[sec] = from_mapping(SECTIONS[sec], values, source, f"{sec}.", base=getattr(base, sec))
-    return dataclasses.replace(base, **new)
+            raise UserError(f"{source}: section {short(sec)} must be a mapping, got {type(values).__name__}")
+        new[sec] = from_mapping(SECTIONS[sec], values, source, f"{sec}.", base=new[sec])
+    return new
+
+
+def _sections(cfg: Config) -> dict[str, Any]:
+    return {name: getattr(cfg, name) for name in SECTIONS}
+
+
+def apply_overrides(base: Config, overrides: dict[str, Any], source: str) -> Config:
+    """``base`` with ``{section: {field: value}}`` applied, each value coerced and range-checked, then the
+    cross-section rules; errors name ``source`` (a file name, "overrides" or "command line")."""
+    return Config(**_apply(_sections(base), overrides, source))
 
 
 def _default_prog() -> str:
@@ -103,12 +107,13 @@ def config_from_args(ns: argparse.Namespace, parser: CommandParser, path: str | 
     """The :class:`Config` of parsed training flags (``parser`` from :func:`train_parser`): defaults < YAML
     (``path``, else ``--config``) < ``overrides`` < flags. ``--resume`` alone resumes ``--out``."""
     path = path or getattr(ns, "config", None)
-    cfg = Config()
+    sections = _sections(Config())
     if path:
-        cfg = apply_overrides(cfg, load_yaml(path), str(path))
+        sections = _apply(sections, load_yaml(path), str(path))
     for over, src in ((overrides or {}, "overrides"), (parser.overrides(ns, SECTIONS), "command line")):
         if over:
-            cfg = apply_overrides(cfg, over, src)
+            sections = _apply(sections, over, src)
+    cfg = Config(**sections)  # the cross-section rules, once, on the final values of every source
     train = cfg.train
     if train.epochs == 0 and train.max_steps == 0:
         train = dataclasses.replace(train, epochs=1)

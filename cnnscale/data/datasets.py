@@ -8,6 +8,9 @@ Loaders:
   distributed sampler comes from ``accelerator.prepare``.
 - ``device``: the whole uint8 set sits on the training device and augmentation is batched tensor ops there, sharded
   per rank (see :mod:`cnnscale.data.device`).
+
+ImageFolder files that cannot be decoded name themselves (:mod:`cnnscale.data.images`). The data decides the class
+count: :func:`head_classes` checks ``model.num_classes`` against it.
 """
 
 from __future__ import annotations
@@ -21,15 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from cnnscale.config import DataConfig, TrainConfig
+from cnnscale.config import DataConfig, ModelConfig, TrainConfig
+from cnnscale.data.images import FolderImages, ImageError, image_folder, open_rgb
 from cnnscale.errors import UserError
 
 __all__ = ["CIFAR_MEAN", "CIFAR_STD", "Splits", "ArraySet", "load_arrays", "build_datasets", "build_loaders",
-           "train_transform", "eval_transform", "split_indices", "limit_indices"]
+           "train_transform", "eval_transform", "split_indices", "limit_indices", "head_classes", "check_fits"]
 
 # CIFAR-10 training-set channel statistics (the seed normalises with these).
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -51,10 +55,13 @@ def eval_transform() -> Any:
 
 @dataclass
 class ArraySet:
-    """Images as a uint8 tensor (N, 3, 32, 32) and int64 labels (N,)."""
+    """Images as a uint8 tensor (N, 3, 32, 32) and int64 labels (N,); ``classes``: the data's class count, ``bad``:
+    the files left out as unreadable (``data.skip_bad_images``)."""
 
     x: torch.Tensor
     y: torch.Tensor
+    classes: int = 10
+    bad: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.y)
@@ -107,6 +114,21 @@ class Splits:
     val: Dataset | None
     test: Dataset
     num_classes: int
+    bad: tuple[str, ...] = ()
+    """Unreadable files left out (``data.skip_bad_images``), one reason each."""
+
+
+def head_classes(mcfg: ModelConfig, data: str, found: int) -> int:
+    """The model's output count for data with ``found`` classes: the data decides. ``num_classes`` left at its
+    default follows the data; any other value must equal it, or exceed it with ``model.larger_head``."""
+    n = mcfg.num_classes
+    if n == found or (n == ModelConfig().num_classes and data == "imagefolder"):
+        return found
+    if n > found and mcfg.larger_head:
+        return n
+    hint = f"leave model.num_classes at its default or set it to {found}"
+    hint += "; a larger head needs model.larger_head true" if n > found else " (labels go up to the data's count)"
+    raise UserError(f"model.num_classes is {n} but the {data} data has {found} classes: {hint}")
 
 
 def split_indices(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -117,8 +139,18 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndar
     return np.sort(perm[: n - val_size]), np.sort(perm[n - val_size:])
 
 
+def check_fits(what: str, needed: int) -> None:
+    """Refuse, before allocating, what host memory cannot hold: one line saying needed vs available."""
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise UserError(f"{what} needs {needed / 2**30:.1f} GiB of memory, but {available / 2**30:.1f} GiB is "
+                        "available on this machine")
+
+
 def _synthetic(cfg: DataConfig, seed: int, train: bool) -> ArraySet:
     n = cfg.synthetic_size if train else max(cfg.synthetic_size // 5, 1)
+    if train:  # uint8 images + int64 labels, train and test
+        check_fits(f"data.synthetic_size {cfg.synthetic_size}", (n + max(n // 5, 1)) * (3 * 32 * 32 + 8))
     g = torch.Generator().manual_seed(seed * 2 + (0 if train else 1))
     return ArraySet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
                     torch.randint(0, 10, (n,), generator=g))
@@ -148,43 +180,69 @@ def _imagefolder_root(cfg: DataConfig, split: str) -> Path:
     return sub
 
 
-def _imagefolder(cfg: DataConfig, split: str, transform: Any = None) -> Any:
-    import torchvision  # lazy, see train_transform
-
+def _imagefolder(cfg: DataConfig, split: str, *, scan: bool) -> FolderImages:
     root = _imagefolder_root(cfg, split)
-    try:
-        return torchvision.datasets.ImageFolder(str(root), transform=transform)
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise UserError(f"empty or unreadable ImageFolder {root}: {str(exc).splitlines()[0]}") from None
+    if split == "train":
+        _imagefolder_root(cfg, "test")  # a missing split is named before the train split is read
+    return image_folder(root, skip_bad=cfg.skip_bad_images, scan=scan, train=split == "train")
 
 
-def _decode_folder(ds: Any) -> ArraySet:
+def _decode_folder(ds: FolderImages, skip_bad: bool) -> ArraySet:
+    """Every image decoded to 32x32 uint8; an unreadable one is an error naming it, or (``skip_bad``) left out."""
     xs = np.empty((len(ds.samples), 32, 32, 3), dtype=np.uint8)
-    for i, (p, _) in enumerate(ds.samples):
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            if im.size != (32, 32):
-                im = im.resize((32, 32))
-            xs[i] = np.asarray(im)
-    return ArraySet(torch.from_numpy(xs).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets))
+    keep, bad = [], list(ds.bad)
+    for p, t in ds.samples:
+        try:
+            im = open_rgb(p)
+        except ImageError as exc:
+            if not skip_bad:
+                raise
+            bad.append(str(exc))
+            continue
+        xs[len(keep)] = np.asarray(im if im.size == (32, 32) else im.resize((32, 32)))
+        keep.append(t)
+    x = torch.from_numpy(xs[: len(keep)]).permute(0, 3, 1, 2).contiguous()
+    return ArraySet(x, torch.tensor(keep, dtype=torch.int64), len(ds.classes), tuple(bad))
+
+
+def _cache_key(ds: FolderImages) -> str:
+    """Names, classes, sizes and modification times: a file replaced or repaired is decoded again."""
+    h = hashlib.sha1()
+    for p, t in ds.samples:
+        st = os.stat(p)
+        h.update(f"{p}:{t}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    h.update("\n".join(ds.bad).encode())
+    return h.hexdigest()[:12]
+
+
+def _load_cache(cache: Path, ds: FolderImages) -> ArraySet | None:
+    """The cached decode when it is whole (every file decoded or listed as bad), else None (rebuilt)."""
+    try:
+        d = torch.load(cache, weights_only=True)
+        x, y, bad = d["x"], d["y"], tuple(d.get("bad", ()))
+    except Exception:  # a torn or foreign cache file is rebuilt
+        return None
+    whole = x.dtype == torch.uint8 and tuple(x.shape[1:]) == (3, 32, 32) and len(x) == len(y)
+    return ArraySet(x, y, len(ds.classes), bad) if whole and len(y) + len(bad) == len(ds.samples) + len(ds.bad) \
+        else None
 
 
 def _cached_decode(cfg: DataConfig, split: str) -> ArraySet:
-    """Decode an ImageFolder split to uint8 once; cache it beside the data when the directory is writable."""
-    ds = _imagefolder(cfg, split)
-    key = hashlib.sha1("\n".join(f"{p}:{t}" for p, t in ds.samples).encode()).hexdigest()[:12]
-    cache = Path(cfg.data_dir) / f".cnnscale-{split}-{key}.pt"
-    if cache.is_file():
-        try:
-            d = torch.load(cache, weights_only=True)
-            return ArraySet(d["x"], d["y"])
-        except Exception:  # a torn cache file is rebuilt
-            pass
-    arr = _decode_folder(ds)
+    """Decode an ImageFolder split to uint8 once; cache it beside the data when the directory is writable. Only a
+    whole decode is cached (written after the last file, atomically); a cache that lists bad files serves only
+    runs that skip them."""
+    ds = _imagefolder(cfg, split, scan=False)
+    cache = Path(cfg.data_dir) / f".cnnscale-{split}-{_cache_key(ds)}.pt"
+    arr = _load_cache(cache, ds) if cache.is_file() else None
+    if arr is not None and arr.bad and not cfg.skip_bad_images:
+        raise ImageError(arr.bad[0])
+    if arr is not None:
+        return arr
+    arr = _decode_folder(ds, cfg.skip_bad_images)
     try:  # a unique temp name per process: several ranks may decode the same folder at once
         fd, tmp = tempfile.mkstemp(prefix=cache.name, suffix=".tmp", dir=cache.parent)
         os.close(fd)
-        torch.save({"x": arr.x, "y": arr.y}, tmp)
+        torch.save({"x": arr.x, "y": arr.y, "bad": list(arr.bad)}, tmp)
         os.replace(tmp, cache)
     except OSError:
         with contextlib.suppress(OSError, UnboundLocalError):
@@ -216,6 +274,7 @@ def _limit(ds: Dataset, n: int) -> Dataset:
 
 def build_datasets(cfg: DataConfig, seed: int) -> Splits:
     """Train / validation / test datasets for the torch loader."""
+    bad: tuple[str, ...] = ()
     if cfg.name == "synthetic":
         full, test = _TensorImages(_synthetic(cfg, seed, True)), _TensorImages(_synthetic(cfg, seed, False))
         full_eval, classes = full, 10
@@ -223,9 +282,10 @@ def build_datasets(cfg: DataConfig, seed: int) -> Splits:
         full = _cifar10(cfg, True, train_transform(cfg.augment))
         full_eval, test, classes = _cifar10(cfg, True, eval_transform()), _cifar10(cfg, False, eval_transform()), 10
     else:
-        full = _imagefolder(cfg, "train", train_transform(cfg.augment))
-        full_eval, test = _imagefolder(cfg, "train", eval_transform()), _imagefolder(cfg, "test", eval_transform())
-        classes = len(full.classes)
+        folder = _imagefolder(cfg, "train", scan=True)
+        full, full_eval = folder.with_transform(train_transform(cfg.augment)), folder.with_transform(eval_transform())
+        test = _imagefolder(cfg, "test", scan=True).with_transform(eval_transform())
+        classes, bad = len(folder.classes), (*folder.bad, *test.bad)
     if cfg.val_size:
         tr_idx, va_idx = split_indices(len(full), cfg.val_size, seed)
         train, val = Subset(full, tr_idx.tolist()), Subset(full_eval, va_idx.tolist())
@@ -234,7 +294,7 @@ def build_datasets(cfg: DataConfig, seed: int) -> Splits:
     train = _limit(train, cfg.limit_train)
     if cfg.augment and cfg.name != "synthetic":
         train = _EpochSeeded(train, seed)
-    return Splits(train, val, _limit(test, cfg.limit_test), classes)
+    return Splits(train, val, _limit(test, cfg.limit_test), classes, bad)
 
 
 def build_loaders(cfg: DataConfig, tcfg: TrainConfig, splits: Splits, world_size: int,

@@ -26,7 +26,15 @@ import torch.nn.functional as F
 from accelerate.data_loader import DataLoaderStateMixin
 from accelerate.state import GradientState
 
-from cnnscale.data.datasets import CIFAR_MEAN, CIFAR_STD, ArraySet, limit_indices, load_arrays, split_indices
+from cnnscale.data.datasets import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    ArraySet,
+    head_classes,
+    limit_indices,
+    load_arrays,
+    split_indices,
+)
 from cnnscale.errors import UserError
 
 __all__ = ["DeviceTrainLoader", "DeviceEvalLoader", "build_device_loaders", "augment_batch", "normalise", "PAD"]
@@ -94,6 +102,7 @@ class DeviceTrainLoader(_Registered):
         super().__init__(ArraySet(data.x.to(self.device), data.y.to(self.device)), batch_size, world, drop_last=True)
         self.rank, self.world, self.seed, self.augment = rank, world, seed, augment
         self.epoch = 0
+        self.bad: tuple[str, ...] = ()  # unreadable files the data left out (data.skip_bad_images)
         if len(self) == 0:
             raise UserError(f"{len(data)} training images cannot fill one step of micro_batch {batch_size} x world "
                             f"size {world} = {batch_size * world}; use fewer processes or a smaller --micro-batch")
@@ -190,21 +199,22 @@ def _head(arr: ArraySet, n: int) -> ArraySet:
 def build_device_loaders(cfg: Any, accelerator: Any) -> tuple[DeviceTrainLoader, DeviceEvalLoader | None,
                                                                DeviceEvalLoader, int]:
     """(train, val, test, num_classes) for ``--loader device``: same splits, limits and augmentation as the torch
-    path (synthetic data is not augmented there either)."""
+    path (synthetic data is not augmented there either). ``num_classes``: the model's head for this data
+    (:func:`~cnnscale.data.datasets.head_classes`). Files left out as unreadable: ``train.bad``."""
     d, t = cfg.data, cfg.train
-    full = load_arrays(d, t.seed, "train")
-    test = _head(load_arrays(d, t.seed, "test"), d.limit_test)
+    full, test_all = load_arrays(d, t.seed, "train"), load_arrays(d, t.seed, "test")
+    test = _head(test_all, d.limit_test)
     if d.val_size:
         tr_idx, va_idx = split_indices(len(full), d.val_size, t.seed)
         train, val = _take(full, tr_idx), _take(full, va_idx)
     else:
         train, val = full, None
     train = _head(train, d.limit_train)
-    # ImageFolder refuses empty class folders, so the largest label + 1 is its class count.
-    num_classes = 10 if d.name in ("cifar10", "synthetic") else int(full.y.max()) + 1
+    num_classes = head_classes(cfg.model, d.name, full.classes)  # the data decides (an error names both)
     rank, world, dev = accelerator.process_index, accelerator.num_processes, accelerator.device
     eval_bs = max(t.micro_batch, 256)
     augment = d.augment and d.name != "synthetic"
-    return (DeviceTrainLoader(train, t.micro_batch, rank, world, t.seed, augment, dev),
-            DeviceEvalLoader(val, eval_bs, rank, world, dev) if val is not None else None,
+    train_loader = DeviceTrainLoader(train, t.micro_batch, rank, world, t.seed, augment, dev)
+    train_loader.bad = (*full.bad, *test_all.bad)
+    return (train_loader, DeviceEvalLoader(val, eval_bs, rank, world, dev) if val is not None else None,
             DeviceEvalLoader(test, eval_bs, rank, world, dev), num_classes)

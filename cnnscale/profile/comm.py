@@ -1,7 +1,8 @@
 """Gradient synchronisation, measured: a forward+backward re-run under ``no_sync`` beside the synced one just timed.
 
 At optimiser step 2 and every ``every`` steps after, :meth:`SyncProbe.probe` times the step's last micro-batch
-forward+backward under ``accelerator.no_sync`` and keeps it beside the synced forward+backward of the same batch.
+forward+backward (with the task's loss: distillation's runs its teacher too) under ``accelerator.no_sync`` and keeps
+it beside the synced forward+backward of the same batch.
 The median difference is the all-reduce time that backward did not hide. The probe restores gradients, buffers and
 RNG state, so training is unchanged; its cost (one extra fwd+bwd per probe, plus a synchronisation on GPU) is
 excluded from every figure by the caller. World size 1, or no DDP wrapper: nothing to measure, 0 s.
@@ -9,6 +10,7 @@ excluded from every figure by the caller. World size 1, or no DDP wrapper: nothi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from statistics import median
 from typing import Any
 
@@ -27,8 +29,17 @@ def is_ddp(accelerator: Any) -> bool:
     return str(accelerator.distributed_type).split(".")[-1] in ("MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_XPU")
 
 
-def nosync_fwd_bwd(acc: Any, model: Any, batch: Any, channels_last: bool, sclock: StepClock) -> float:
-    """Time one forward+backward of ``batch`` under no_sync, leaving grads, buffers and RNG as they were."""
+LossFn = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _cross_entropy(model: Any, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(images), labels)
+
+
+def nosync_fwd_bwd(acc: Any, model: Any, batch: Any, channels_last: bool, sclock: StepClock,
+                   loss_fn: LossFn | None = None) -> float:
+    """Time one forward+backward of ``batch`` under no_sync with ``loss_fn(model, images, labels)`` (the task's
+    loss; default cross-entropy), leaving grads, buffers and RNG as they were."""
     images, labels = batch[0], batch[1]
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -43,7 +54,7 @@ def nosync_fwd_bwd(acc: Any, model: Any, batch: Any, channels_last: bool, sclock
             t0 = sclock.now()
             with acc.no_sync(model):
                 with acc.autocast():
-                    loss = F.cross_entropy(model(images), labels)
+                    loss = (loss_fn or _cross_entropy)(model, images, labels)
                 loss.backward()
             return sclock.now() - t0
     finally:
@@ -58,8 +69,9 @@ class SyncProbe:
     """Synced and unsynced forward+backward times of the same micro-batches, and the sync cost per step."""
 
     def __init__(self, accelerator: Any, model: Any, world_size: int, every: int, sclock: StepClock,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, loss_fn: LossFn | None = None) -> None:
         self.acc, self.model, self.world_size = accelerator, model, world_size
+        self.loss_fn = loss_fn
         self.every = every or SYNC_PROBE_EVERY
         self.sclock, self.channels_last = sclock, channels_last
         self.synced_s: list[float] = []
@@ -78,7 +90,8 @@ class SyncProbe:
     def probe(self, synced_s: float, batch: Any) -> None:
         """Record ``synced_s`` (the step's timed fwd+bwd) and the same batch's fwd+bwd under no_sync."""
         self.synced_s.append(synced_s)
-        self.unsynced_s.append(nosync_fwd_bwd(self.acc, self.model, batch, self.channels_last, self.sclock))
+        self.unsynced_s.append(nosync_fwd_bwd(self.acc, self.model, batch, self.channels_last, self.sclock,
+                                              self.loss_fn))
 
     def per_step(self) -> float | None:
         """Median synced minus median unsynced forward+backward: the all-reduce time not hidden by backward."""

@@ -2,8 +2,15 @@
 
 Peaks are dense (no 2:4 sparsity) tensor-core figures from the vendors' data sheets, per GPU, keyed by a pattern on
 the device name and the compute dtype. fp32 training on Ampere and newer runs its matmuls and convolutions in TF32
-when ``fast.tf32`` is on, so it is compared with the TF32 peak. An unknown GPU, or a dtype the GPU has no peak for
+when ``fast.tf32`` is on, so it is compared with the TF32 peak; a GPU without TF32 (V100, T4) runs them in fp32,
+so its fp32 peak is used (labelled ``... fp32 (no TF32)``). An unknown GPU, or a dtype the GPU has no peak for
 (bf16 on V100), gives ``None``: MFU is then "n/a", never a guess.
+
+fp16 is compared with the fp16 peak like bf16, but costs more than bf16 on the host: torch's ``GradScaler.step``
+reads its found-inf flag with ``.item()`` before it steps the optimiser (an overflow skips the step), so an fp16 run
+makes :data:`HOST_SYNCS_PER_STEP` ``["fp16"]`` CPU-GPU synchronisation per optimiser step (bf16 and fp32 make none):
+the host cannot queue the next step's kernels while the GPU still runs this one, which shows on small models
+(LeNet-5), hardly on ResNet-18 at batch 512. The GPU check runs fp16 beside bf16 to show it.
 
 On CPU there is no honest table, so the peak is measured at start-up with a short matmul benchmark (best of many
 512-square matmuls over 0.5 s, at the thread count in use; on a shared machine some of them escape contention, where
@@ -20,7 +27,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["PEAK_TFLOPS", "lookup_peak", "compute_dtype", "measure_cpu_peak", "resolve_peak", "mfu", "MfuInputs",
+__all__ = ["PEAK_TFLOPS", "HOST_SYNCS_PER_STEP", "host_syncs_per_step", "lookup_peak", "compute_dtype",
+           "measure_cpu_peak", "resolve_peak", "mfu", "MfuInputs",
            "mfu_setup"]
 
 # (pattern on the device name, label) -> {dtype: dense TFLOP/s}. First match wins, so specific names come first.
@@ -42,11 +50,24 @@ PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
 ]
 
 
+# CPU-GPU synchronisations per optimiser step that the precision itself adds (fp16: the found-inf check in torch's
+# GradScaler.step, through Accelerate's optimizer wrapper; counted in tests/test_gpu_paths.py).
+HOST_SYNCS_PER_STEP: dict[str, int] = {"no": 0, "bf16": 0, "fp16": 1}
+
+
+def host_syncs_per_step(mixed_precision: str) -> int:
+    """Host synchronisations per optimiser step that ``mixed_precision`` adds (recorded in env.json)."""
+    return HOST_SYNCS_PER_STEP.get(mixed_precision, 0)
+
+
 def lookup_peak(device_name: str, dtype: str) -> tuple[float | None, str | None]:
-    """Peak TFLOP/s and its label ("table:H100 SXM bf16") for a GPU name; (None, None) when unknown."""
+    """Peak TFLOP/s and its label ("table:H100 SXM bf16") for a GPU name; (None, None) when unknown. TF32 on a GPU
+    without TF32 falls back to its fp32 peak ("table:V100 SXM fp32 (no TF32)"), since that is what the matmuls run."""
     for pattern, label, peaks in PEAK_TFLOPS:
         if re.search(pattern, device_name, flags=re.IGNORECASE):
             peak = peaks.get(dtype)
+            if peak is None and dtype == "tf32" and "fp32" in peaks:
+                return peaks["fp32"], f"table:{label} fp32 (no TF32)"
             return (peak, f"table:{label} {dtype}") if peak is not None else (None, None)
     return None, None
 

@@ -5,10 +5,16 @@ The loop always calls the same methods (``start``, ``iter_data``, ``phase``, ``s
 nothing but count images over wall time, so the loop has no ``if``.
 
 - Throughput is total images over total time, never a mean of per-step rates. ``compute_img_per_s`` excludes the
-  time spent waiting for the next batch.
+  time spent waiting for the next batch. On GPU that wait is the device time between two CUDA events recorded
+  around fetching the batch: the GPU idle while the batch was not ready, plus the loader's own kernels (the device
+  loader's augmentation). A host blocked on a full launch queue while the GPU works is not data wait (host time
+  would count it); env.json says which clock (``data_wait_clock``).
+- Under DeepSpeed the optimiser step runs inside ``accelerator.backward`` (the engine steps there), so it is part of
+  ``fwd_bwd_s`` and ``optim_s`` is None (n/a), not the ~0 s the empty ``optimizer.step()`` would read.
 - Phases are timed with perf_counter on CPU and CUDA events on GPU (:mod:`.clock`); events are read only at log
   steps and at the end (one synchronise each), so timing does not serialise the host with the device.
-- Gradient synchronisation is measured by the no_sync probe of :mod:`.comm`; its time is excluded from every figure.
+- Gradient synchronisation is measured by the no_sync probe of :mod:`.comm` (with the task's own loss, e.g.
+  distillation's); its time is excluded from every figure.
 - ``profile.trace_steps`` N > 0: a torch.profiler trace of the first N steps through ``accelerator.profile()``,
   written to ``RUN/trace/`` (those steps run slower under the tracer).
 - Memory (:mod:`.memory`): allocator peaks and NVML's used memory (:mod:`.nvml`, which also sees NCCL's buffers)
@@ -31,7 +37,7 @@ from cnnscale.config import ProfileConfig
 from cnnscale.profile import memory
 from cnnscale.profile.clock import Marks, StepClock, percentile
 from cnnscale.profile.comm import SYNC_PROBE_EVERY, SyncProbe
-from cnnscale.profile.mfu import MfuInputs, mfu, mfu_setup
+from cnnscale.profile.mfu import MfuInputs, host_syncs_per_step, mfu, mfu_setup
 from cnnscale.profile.nvml import NvmlSampler
 
 __all__ = ["Profiler", "NullProfiler", "build_profiler", "percentile", "StepClock", "SYNC_PROBE_EVERY", "MfuInputs"]
@@ -92,7 +98,8 @@ class Profiler(NullProfiler):
 
     def __init__(self, device: torch.device, world_size: int = 1, clock: Any = time.perf_counter,
                  accelerator: Any = None, model: Any = None, pcfg: ProfileConfig | None = None, sampler: Any = None,
-                 run_dir: Any = None, mfu_inputs: MfuInputs | None = None, channels_last: bool = False) -> None:
+                 run_dir: Any = None, mfu_inputs: MfuInputs | None = None, channels_last: bool = False,
+                 task: Any = None) -> None:
         super().__init__(clock)
         pcfg = pcfg or ProfileConfig(warmup_steps=0)
         self.device, self.world_size, self.acc, self.pcfg, self.mfu_inputs = (device, world_size, accelerator, pcfg,
@@ -109,7 +116,10 @@ class Profiler(NullProfiler):
         self._window_images = 0
         self._window_t0: float | None = None
         self._window_excluded = 0.0
-        self.sync = SyncProbe(accelerator, model, world_size, pcfg.sync_probe_every, self.sclock, channels_last)
+        self.sync = SyncProbe(accelerator, model, world_size, pcfg.sync_probe_every, self.sclock, channels_last,
+                              loss_fn=getattr(task, "loss", None))
+        # DeepSpeed steps its optimiser inside backward: no separate optimiser time to measure.
+        self.optim_measured = not str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
         self.warmup_steps = pcfg.warmup_steps
         self.measured_steps = 0
         self.sampler = sampler if sampler is not None else NvmlSampler.for_device(device, pcfg.nvml_hz)
@@ -127,7 +137,10 @@ class Profiler(NullProfiler):
         if self._setup is None:
             self._setup = mfu_setup(self.device, self.mfu_inputs, self.pcfg.peak_tflops)
             self._setup.update({"profiling": True, "nvml": self.sampler.status, "sync_probe_every": self.sync.every,
-                                "sync_measured": self.sync.possible or self.world_size == 1})
+                                "sync_measured": self.sync.possible or self.world_size == 1,
+                                "data_wait_clock": "cuda events" if self.marks.cuda else "host"})
+            if self.mfu_inputs is not None:
+                self._setup["host_syncs_per_step"] = host_syncs_per_step(self.mfu_inputs.mixed_precision)
         return dict(self._setup)
 
     def start(self) -> None:
@@ -148,12 +161,12 @@ class Profiler(NullProfiler):
     def iter_data(self, it: Iterable[Any]) -> Iterator[Any]:
         iterator = iter(it)
         while True:
-            t = self.clock()  # host time blocked on the loader
+            a = self.marks.mark()  # CPU: host time blocked on the loader; GPU: device time the batch held it up
             try:
                 batch = next(iterator)
             except StopIteration:
                 return
-            self.phase_s["data"] += self.clock() - t
+            self._pending.append(("data", a, self.marks.mark()))
             self._last_batch = batch
             yield batch
 
@@ -247,7 +260,7 @@ class Profiler(NullProfiler):
             "step_ms_p90": _ms(percentile(self.step_times, 90)),
             "data_wait_s": self.phase_s["data"],
             "fwd_bwd_s": max(self.phase_s["fwd_bwd"] - (sync_s or 0.0), 0.0),
-            "optim_s": self.phase_s["optim"],
+            "optim_s": self.phase_s["optim"] if self.optim_measured else None,
             "sync_s": sync_s,
             "sync_share": sync_s / wall if sync_s is not None else None,
             "cpu_percent": self.cpu_percent,
@@ -277,17 +290,19 @@ def _ms(x: float | None) -> float | None:
 
 def build_profiler(pcfg: ProfileConfig, device: torch.device, world_size: int = 1, *, accelerator: Any = None,
                    model: Any = None, run_dir: str | Path | None = None, total_steps: int | None = None,
-                   mfu_inputs: MfuInputs | None = None, channels_last: bool = False) -> NullProfiler:
+                   mfu_inputs: MfuInputs | None = None, channels_last: bool = False,
+                   task: Any = None) -> NullProfiler:
     """The measuring :class:`Profiler` when ``pcfg.enabled``, else the no-op :class:`NullProfiler`.
 
     ``model``: the prepared (DDP-wrapped) model, for the sync probe; ``run_dir``: where a trace goes;
     ``mfu_inputs``: FLOPs per training image and compute dtype (None: MFU n/a); ``channels_last``: the probe's input
-    layout. ``total_steps``: the run's length; warm-up (``pcfg.warmup_steps``) is left out of the figures only when
+    layout; ``task``: the run's task, whose ``loss`` the sync probe uses (None: cross-entropy). ``total_steps``: the
+    run's length; warm-up (``pcfg.warmup_steps``) is left out of the figures only when
     at least as many steps follow it. Without it (bench, which warms up on its own) nothing is left out."""
     if not pcfg.enabled:
         return NullProfiler()
     prof = Profiler(device, world_size, accelerator=accelerator, model=model, pcfg=pcfg, run_dir=run_dir,
-                    mfu_inputs=mfu_inputs, channels_last=channels_last)
+                    mfu_inputs=mfu_inputs, channels_last=channels_last, task=task)
     if total_steps is None or total_steps < 2 * prof.warmup_steps:
         prof.warmup_steps = 0
     return prof

@@ -14,6 +14,7 @@ not fit, raises :class:`RecordError` (a ValueError) naming the file and the prob
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -36,6 +37,7 @@ class RecordError(ValueError):
     """A record that does not fit its schema: unknown keys, wrong types, or a file that is not a JSON object."""
 
 
+@functools.cache  # annotations are strings: parse each once, not once per field per record
 def _kind(annotation: Any) -> tuple[str, bool]:
     """(base type name, None allowed) of a field annotation such as ``"float | None"``."""
     parts = [p.strip() for p in str(annotation).split("|")]
@@ -62,6 +64,21 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+_EXACT: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+                                       "dict": (dict,), "list": (list,)}
+
+
+@functools.cache
+def _field_kinds(cls: type) -> tuple[tuple[str, Any, tuple[type, ...]], ...]:
+    """Per field of ``cls``: name, annotation, and the exact value types that need no conversion (None among them
+    when the field allows it). Computed once per class: a report reads thousands of records."""
+    out = []
+    for f in dataclasses.fields(cls):
+        base, nullable = _kind(f.type)
+        out.append((f.name, f.type, _EXACT[base] + ((type(None),) if nullable else ())))
+    return tuple(out)
+
+
 class Record:
     """Base of :class:`~cnnscale.records.schema.Env`, ``Summary`` and ``Point`` (see the module docstring)."""
 
@@ -70,9 +87,11 @@ class Record:
     """Fields that only schema 0 files have: read, and left out of :meth:`to_dict` while None."""
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = _coerce(f"{type(self).__name__}.{f.name}", getattr(self, f.name), f.type)
-            object.__setattr__(self, f.name, value)
+        for name, annotation, exact in _field_kinds(type(self)):
+            value = getattr(self, name)
+            if type(value) in exact:  # already the field's type (or None where allowed): nothing to convert
+                continue
+            object.__setattr__(self, name, _coerce(f"{type(self).__name__}.{name}", value, annotation))
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, None included (except unset :attr:`LEGACY` ones), NaN and infinity as None (a copy)."""
@@ -84,7 +103,7 @@ class Record:
         """The record of ``data``. Unknown keys, wrong types and missing required fields raise :class:`RecordError`."""
         if not isinstance(data, dict):
             raise RecordError(f"a {cls.__name__} is a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        known = {name for name, _, _ in _field_kinds(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise RecordError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")

@@ -32,19 +32,22 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "atomic_write_text", "write_json", "read_json", "write_yaml", "MetricsLog", "read_metrics", "truncate_metrics",
-    "finite", "SUMMARY", "ENV", "CONFIG", "METRICS", "POINT",
+    "atomic_write_text", "user_file_mode", "write_json", "read_json", "write_yaml", "MetricsLog", "read_metrics",
+    "truncate_metrics", "finite", "SUMMARY", "ENV", "CONFIG", "METRICS", "POINT",
 ]
 
 SUMMARY, ENV, CONFIG, METRICS, POINT = "summary.json", "env.json", "config.yaml", "metrics.jsonl", "point.json"
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory, fsync and rename."""
+def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same directory, fsync and rename. The file gets mkstemp's
+    0600 unless ``mode`` is given (files meant to be shared, such as a report: ``user_file_mode()``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -56,6 +59,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def user_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process's umask (0644 with the usual umask 022)."""
+    umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _json_default(obj: Any) -> Any:

@@ -8,6 +8,8 @@ readers see one shape. Reading never writes.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,18 +60,43 @@ def legacy_point(summary: Summary) -> Point | None:
         raise RecordError(f"summary.json's point: {exc}") from None
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+_TOP_KEY = re.compile(r"([A-Za-z_][\w.-]*):(?:\s|$)")
+
+
+def _sections_text(text: str, keys: tuple[str, ...]) -> str:
+    """The lines of the top-level ``keys`` of a block-style YAML mapping (what write_yaml writes), or the whole
+    ``text`` when a top-level line is anything but a plain ``key:`` (then the caller parses it all)."""
+    out, keep = [], False
+    for line in text.splitlines(keepends=True):
+        if line[:1] not in ("", " ", "\t", "-", "#", "\n", "\r"):  # a new top-level entry
+            m = _TOP_KEY.match(line)
+            if m is None:
+                return text
+            keep = m.group(1) in keys
+        if keep:
+            out.append(line)
+    return "".join(out)
+
+
+def _read_config(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
     if not (path / CONFIG).is_file():
         return {}
     try:
-        cfg = yaml.safe_load((path / CONFIG).read_text())
+        text = (path / CONFIG).read_text()
+        # libyaml's C loader when PyYAML has it; still ~3 ms for a whole resolved config, hence ``keys``
+        cfg = yaml.load(text if keys is None else _sections_text(text, keys),
+                        Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise RecordError(f"{path}: corrupt record ({type(exc).__name__} in {CONFIG})") from None
-    return cfg if isinstance(cfg, dict) else {}
+    if not isinstance(cfg, dict):
+        return {}
+    return cfg if keys is None else {k: v for k, v in cfg.items() if k in keys}
 
 
-def load_run(path: str | Path, with_metrics: bool = False) -> Run:
+def load_run(path: str | Path, with_metrics: bool = False, config_keys: tuple[str, ...] | None = None) -> Run:
     """Load one run directory (cost: three small JSON files and a YAML; ``with_metrics`` reads metrics.jsonl).
+    ``config_keys``: keep only these top-level sections of config.yaml, parsing only their lines (a report of
+    1,000 runs needs ``("dist",)``: ~0.2 ms a run instead of ~3 ms for the whole resolved config).
 
     Raises :class:`RecordError` (a ValueError) naming the problem when it is no complete run: neither summary.json
     nor point.json, or a corrupt record; UserError when a record is from a newer cnnscale.
@@ -82,15 +109,21 @@ def load_run(path: str | Path, with_metrics: bool = False) -> Run:
     env = read_env(path) if (path / ENV).is_file() else Env(schema_version=0)
     point = read_point(path) if has_point else (legacy_point(summary) if summary is not None else None)
     metrics = read_metrics(path / METRICS) if with_metrics else None
-    return Run(path=str(path), summary=summary, env=env, point=point, config=_read_config(path), metrics=metrics)
+    return Run(path=str(path), summary=summary, env=env, point=point, config=_read_config(path, config_keys),
+               metrics=metrics)
 
 
 def _is_run(p: Path) -> bool:
     return any((p / name).is_file() for name in (SUMMARY, ENV, POINT))
 
 
+_RUN_FILES = frozenset((SUMMARY, ENV, POINT))
+
+
 def find_runs(roots: list[str | Path]) -> list[Path]:
-    """Every directory under ``roots`` (recursively, checkpoints skipped) that holds a summary, env or point."""
+    """Every directory under ``roots`` (recursively, checkpoints skipped) that holds a summary, env or point.
+
+    Cost: one directory listing per folder (os.walk), no stat per file: ~0.1 s for 1,000 run directories."""
     found: list[Path] = []
     for root in roots:
         root = Path(root)
@@ -99,7 +132,15 @@ def find_runs(roots: list[str | Path]) -> list[Path]:
         if _is_run(root):
             found.append(root)
             continue
-        for p in sorted(root.rglob("*")):
-            if p.is_dir() and "checkpoints" not in p.parts and _is_run(p):
-                found.append(p)
+        if "checkpoints" in root.parts:
+            continue
+        mine: list[Path] = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d != "checkpoints"]
+            here = Path(dirpath)
+            if here != root and _RUN_FILES.intersection(filenames):
+                mine.append(here)
+            # a symlink to a directory is listed but not descended into (as rglob did): it may be a run itself
+            mine += [here / d for d in dirnames if os.path.islink(os.path.join(dirpath, d)) and _is_run(here / d)]
+        found += sorted(mine)
     return found

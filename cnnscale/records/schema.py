@@ -62,6 +62,8 @@ class Env(Record):
     mixed_precision: str | None = None        # what the run really used (under DeepSpeed: from its JSON)
     global_batch: int | None = None
     loader: str | None = None                 # torch | device
+    bad_images_skipped: int | None = None     # unreadable ImageFolder files left out (data.skip_bad_images)
+    bad_images: list | None = None            # the first of them, "path: reason", at most 20
     runner: str | None = None                 # set by scripts that are not the trainer (bench_ddp_bare)
     # the hardware and software
     device_type: str | None = None            # cpu | cuda
@@ -90,6 +92,8 @@ class Env(Record):
     nvml: str | None = None                   # "ok" or why NVML is n/a
     sync_probe_every: int | None = None
     sync_measured: bool | None = None
+    host_syncs_per_step: int | None = None    # CPU-GPU syncs per optimiser step the precision adds (fp16: 1)
+    data_wait_clock: str | None = None        # "cuda events" (GPU idle + loader kernels) or "host" (CPU)
     # schema 0 only (read, never written): the name train_flops_per_img had
     flops_per_img: float | None = None
 

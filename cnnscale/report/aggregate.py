@@ -16,15 +16,21 @@ from cnnscale.records.run import Run
 from cnnscale.report.load import pick_interconnect, run_model, run_params, run_world_size, settings_label
 from cnnscale.scaling import model as scaling
 
-__all__ = ["aggregate", "COLUMNS"]
+__all__ = ["aggregate", "collapse_repeats", "group_key", "COLUMNS", "PHASES"]
 
 COLUMNS = ("model", "settings", "precision", "scaling", "world_size", "num_nodes", "micro_batch", "grad_accum",
            "global_batch", "status", "img_per_s", "speedup", "efficiency", "pred_efficiency", "pred_error_pts",
            "step_ms", "sync_share", "peak_mem_bytes", "mem_kind", "util_pct", "util_kind", "mfu", "final_loss",
-           "test_acc", "interconnect", "error", "run")
+           "test_acc", "interconnect", "error", "run", "data_share", "compute_share", "optim_share", "comm_share",
+           "step_s", "repeats", "eff_min", "eff_max", "test_loss", "steps", "params", "comm_hook")
+
+PHASES = ("data", "compute", "comm", "optim")
+"""The step-time split: data wait, forward+backward (sync excluded), exposed gradient all-reduce, optimiser."""
 
 
-def _group_key(row: dict[str, Any]) -> tuple:
+def group_key(row: dict[str, Any]) -> tuple:
+    """(model, precision, settings, scaling, batch): the rows one efficiency curve is made of; batch is the
+    per-worker batch (micro-batch x accumulation) under weak scaling, the global batch under strong scaling."""
     batch = row["global_batch"] if row["scaling"] == "strong" else (row["micro_batch"] or 0) * row["grad_accum"]
     return row["model"], row["precision"], row["settings"], row["scaling"], batch
 
@@ -32,14 +38,14 @@ def _group_key(row: dict[str, Any]) -> tuple:
 def _base_key(row: dict[str, Any]) -> tuple:
     """The group whose smallest world size is this row's baseline. A compute_only calibration row is measured
     against the real runs of the same settings, so its efficiency is the co-location loss alone."""
-    model, prec, settings, scal, batch = _group_key(row)
+    model, prec, settings, scal, batch = group_key(row)
     stripped = ",".join(p for p in settings.split(",") if p != "compute_only") or "default"
     return model, prec, stripped, scal, batch
 
 
 def _sort_key(row: dict[str, Any]) -> tuple:
     """Model, then default settings and fp32 first, then batch and world size."""
-    model, prec, settings, scal, batch = _group_key(row)
+    model, prec, settings, scal, batch = group_key(row)
     return (model, settings != "default", settings, prec != "no", prec, scal, batch or 0, row["world_size"],
             row["run"])
 
@@ -69,8 +75,25 @@ def _base_row(run: Run) -> dict[str, Any]:
         "util_kind": "gpu" if util is not None else "cpu", "mfu": get("mfu"), "final_loss": get("final_loss"),
         "test_acc": get("test_acc"), "error": pget("error") if failed_point else _first(get("error"), pget("error")),
         "run": run.path, "speedup": None, "efficiency": None, "pred_efficiency": None, "pred_error_pts": None,
-        "interconnect": None, "pred_calibrated": False,
+        "interconnect": None, "pred_calibrated": False, "test_loss": get("test_loss"), "steps": get("steps"),
+        "params": run_params(run), "comm_hook": (run.config.get("dist") or {}).get("comm_hook", "none"),
+        "repeat": p.repeat if p is not None else 0, "repeats": 1, "eff_min": None, "eff_max": None, "step_s": None,
+        **_split(s),
     }
+
+
+def _split(s: Any) -> dict[str, float | None]:
+    """Shares of the training time per phase (:data:`PHASES`) from summary.json's phase totals, over the run's
+    train_time_s (so ``comm_share`` is the profiler's ``sync_share``), or over the phases' sum when that is absent
+    or smaller; None for a run that recorded no split."""
+    none = {f"{p}_share": None for p in PHASES}
+    if s is None or s.fwd_bwd_s is None:
+        return none
+    parts = {"data": s.data_wait_s or 0.0, "compute": s.fwd_bwd_s, "comm": s.sync_s, "optim": s.optim_s or 0.0}
+    total = max(s.train_time_s or 0.0, sum(v for v in parts.values() if v is not None))
+    if total <= 0:
+        return none
+    return {f"{k}_share": (v / total if v is not None else None) for k, v in parts.items()}
 
 
 def _coloc_key(row: dict[str, Any]) -> tuple:
@@ -112,7 +135,7 @@ def _baselines(pairs: list[tuple[dict[str, Any], Run]]) -> dict[tuple, dict[str,
     bases: dict[tuple, dict[str, Any]] = {}
     for row, _ in pairs:
         if row["status"] == "ok" and row["img_per_s"] and "compute_only" not in row["settings"]:
-            key = _group_key(row)
+            key = group_key(row)
             if key not in bases or row["world_size"] < bases[key]["world_size"]:
                 bases[key] = row
     return bases
@@ -131,6 +154,7 @@ def aggregate(runs: list[Run], fits: dict[str, dict[str, Any]] | None = None, in
         base = bases.get(_base_key(row))
         if row["status"] != "ok" or not row["img_per_s"] or base is None:
             continue
+        row["step_s"] = row["micro_batch"] * row["grad_accum"] * row["world_size"] / row["img_per_s"]
         row["speedup"] = row["img_per_s"] / base["img_per_s"]
         row["efficiency"] = row["speedup"] * base["world_size"] / row["world_size"]
         if row["world_size"] <= base["world_size"] or "compute_only" in row["settings"]:
@@ -146,4 +170,35 @@ def aggregate(runs: list[Run], fits: dict[str, dict[str, Any]] | None = None, in
         row["pred_efficiency"] = _predict(run, params, base, row, ic, calib)
         row["pred_calibrated"] = calib is not None
         row["pred_error_pts"] = 100 * (row["pred_efficiency"] - row["efficiency"])
-    return [row for row, _ in pairs]
+    return _repeats([row for row, _ in pairs])
+
+
+def _repeat_key(row: dict[str, Any]) -> tuple:
+    return *group_key(row), row["world_size"]
+
+
+def _repeats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fill ``repeats``, ``eff_min`` and ``eff_max`` of each ok row from the rows that repeat its point."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["efficiency"] is not None:
+            groups.setdefault(_repeat_key(row), []).append(row)
+    for same in groups.values():
+        effs = [r["efficiency"] for r in same]
+        for r in same:
+            r.update(repeats=len(same), eff_min=min(effs), eff_max=max(effs))
+    return rows
+
+
+def collapse_repeats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per point for display: of repeated runs of a point, the one with the median efficiency (the lower
+    middle one for an even count), which carries the repeats' ``eff_min``/``eff_max``; order kept."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["repeats"] > 1:
+            groups.setdefault(_repeat_key(row), []).append(row)
+    keep = set()
+    for same in groups.values():
+        ranked = sorted(same, key=lambda r: r["efficiency"])
+        keep.add(id(ranked[(len(ranked) - 1) // 2]))
+    return [r for r in rows if r["repeats"] <= 1 or id(r) in keep]

@@ -17,9 +17,11 @@ from cnnscale.records.run import Run, find_runs, load_run
 from cnnscale.scaling import model as scaling
 
 __all__ = ["load_records", "settings_label", "find_fits", "pick_interconnect", "run_params", "run_train_flops",
-           "run_model", "run_world_size", "ALLREDUCE_FIT"]
+           "run_model", "run_world_size", "ALLREDUCE_FIT", "CONFIG_KEYS"]
 
 ALLREDUCE_FIT = "allreduce.json"
+CONFIG_KEYS = ("dist",)
+"""The config.yaml sections the report reads (parsing only these keeps 1,000 runs fast)."""
 
 
 def run_model(run: Run) -> str | None:
@@ -44,7 +46,7 @@ def load_records(roots: list[str | Path]) -> tuple[list[Run], list[str]]:
     runs, warns = [], []
     for path in find_runs(roots):
         try:
-            run = load_run(path)
+            run = load_run(path, config_keys=CONFIG_KEYS)
         except ValueError as exc:
             warns.append(f"skipped {exc}")
             continue

@@ -1,23 +1,29 @@
-"""``cnnscale report RUNS...``: run directories -> rows -> rich tables, PNG plots, HTML/SVG/CSV/JSON exports.
+"""``cnnscale report RUNS...``: run directories -> rows -> rich tables and verdicts, PNG plots, an HTML page,
+SVG/CSV/JSON exports.
 
 The pipeline: :func:`cnnscale.report.load.load_records` (the records, nothing else: no model is built, torch is
-never imported) -> :func:`cnnscale.report.aggregate.aggregate` (flat rows) -> :mod:`cnnscale.report.tables` (rich)
-and :mod:`cnnscale.report.plots`, :mod:`cnnscale.report.exports`. Nothing is written into the run directories.
+never imported) -> :func:`cnnscale.report.aggregate.aggregate` (flat rows) -> :mod:`cnnscale.report.tables` (rich,
+with :mod:`cnnscale.report.verdicts`), :mod:`cnnscale.report.plots`, :mod:`cnnscale.report.html` and
+:mod:`cnnscale.report.exports`. Nothing is written into the run directories. Cost: about 1 ms of reading per run
+directory; matplotlib (about 0.5 s to import) only when ``--plots`` or ``--html`` asks for figures.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 from cnnscale.config.argv import CommandParser
 from cnnscale.errors import UserError
+from cnnscale.records.run import Run
 from cnnscale.report.aggregate import aggregate
-from cnnscale.report.exports import write_csv, write_html, write_json_rows, write_svg
+from cnnscale.report.columns import memory_table
+from cnnscale.report.exports import write_csv, write_json_rows, write_svg
+from cnnscale.report.html import write_page
 from cnnscale.report.load import find_fits, load_records
-from cnnscale.report.plots import write_plots
 from cnnscale.report.predict import predict_rows
 from cnnscale.report.tables import render, render_memory, render_predict
 from cnnscale.scaling import model as scaling
@@ -31,11 +37,13 @@ def parser() -> CommandParser:
     """The argument parser of ``cnnscale report``."""
     ap = CommandParser(prog="cnnscale report", description="Scaling report from run directories.")
     ap.add_argument("runs", nargs="+", help="run directories or folders holding them (searched recursively)")
-    ap.add_argument("--html", help="write the report as HTML (rich export)")
+    ap.add_argument("--html", help="write the report as one self-contained web page (tables, verdicts, plots, "
+                    "config and environment)")
     ap.add_argument("--svg", help="write the report as SVG (rich export)")
     ap.add_argument("--csv", help="write flat rows as CSV (for pandas)")
     ap.add_argument("--json", help="write flat rows as JSON")
-    ap.add_argument("--plots", help="write PNG plots into this directory")
+    ap.add_argument("--plots", help="write PNG plots into this directory (efficiency, throughput, step-time "
+                    "breakdown, memory)")
     ap.add_argument("--interconnect", help=f"scaling-model interconnect: {', '.join(INTERCONNECTS)} "
                     "(default: the study's all-reduce fit on CPU, else a preset for the hardware)")
     ap.add_argument("--predict", action="store_true", help="also show predicted efficiency at 2..1024 workers")
@@ -62,15 +70,30 @@ def main(argv: list[str]) -> int:
     render_memory(runs, console)
     if prows is not None:
         render_predict(prows, console)
-    if args.html:
-        write_html(console, args.html)
     if args.svg:
         write_svg(console, args.svg)
     if args.csv:
         write_csv(rows, args.csv)
     if args.json:
         write_json_rows(rows, args.json)
-    if args.plots:
-        for p in write_plots(rows, Path(args.plots)):
-            print(f"wrote {p}", file=sys.stderr)
+    if args.plots or args.html:
+        _figures(args, runs, rows, fits, prows, warns)
     return 0
+
+
+def _figures(args: Any, runs: list[Run], rows: list[dict[str, Any]], fits: dict[str, Any],
+             prows: list[dict[str, Any]] | None, warns: list[str]) -> None:
+    """--plots and --html: the figures (with each model's predicted curve) as files and inline in the page."""
+    from cnnscale.report import plots  # lazy: matplotlib costs ~0.5 s, and only --plots / --html need it
+
+    curve_rows = prows if prows is not None else predict_rows(runs, rows, args.interconnect, args.tflops, fits)
+    curves = {p["model"]: p["curve"] for p in curve_rows}
+    figs = plots.figures(rows, curves, memory_table(runs))
+    if args.plots:
+        out = Path(args.plots)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, fig in figs.items():
+            fig.savefig(out / name, dpi=plots.DPI)
+            print(f"wrote {out / name}", file=sys.stderr)
+    if args.html:
+        write_page(args.html, rows, runs, {n: plots.png_bytes(f) for n, f in figs.items()}, prows, warns)

@@ -1,116 +1,235 @@
 """PNG plots of a scaling report (matplotlib's object API: no pyplot, no display, no global state; safe under SLURM).
 
-Each function takes the flat rows of :func:`cnnscale.report.aggregate.aggregate` and writes one PNG of a fixed size
-(``FIGSIZE`` x ``DPI``: 900 x 540 pixels), so the files are stable to compare.
+Small multiples, one panel per model, so series never pile up in one axes:
+
+- ``efficiency.png``: measured efficiency against N per settings variant (the median over repeats, with min-max
+  error bars when a point was repeated), the scaling model's prediction for each row as a cross, and the model's
+  predicted curve (:func:`cnnscale.report.predict.predict_rows`) extrapolated to the largest N of ``--predict``;
+- ``throughput.png``: img/s against N with the ideal linear line dashed;
+- ``breakdown.png``: the step time per model, N and variant, stacked: data wait, compute, exposed communication,
+  optimiser (and what the profiler did not split, "other");
+- ``memory.png``: memory per rank by ZeRO stage where ZeRO runs exist, else the peak memory per model and N.
+
+Every figure has the same pixel size (``FIGSIZE`` x ``DPI``), so files are stable to compare. matplotlib is imported
+here only: ``cnnscale report`` imports this module lazily, when plots are asked for. Cost: about 0.1-0.3 s a figure.
 """
 
 from __future__ import annotations
 
+import io
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
-__all__ = ["write_plots", "plot_throughput", "plot_efficiency", "plot_memory", "FIGSIZE", "DPI", "PIXELS"]
+from cnnscale.report.aggregate import PHASES
+from cnnscale.report.columns import variant_label
 
-FIGSIZE = (9.0, 5.4)
+__all__ = ["write_plots", "figures", "png_bytes", "plot_throughput", "plot_efficiency", "plot_breakdown",
+           "plot_memory", "FIGSIZE", "DPI", "PIXELS"]
+
+FIGSIZE = (10.0, 6.4)
 DPI = 100
 PIXELS = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
+_PHASE_COLOURS = {"data": "#e6ab02", "compute": "#1b9e77", "comm": "#d95f02", "optim": "#7570b3", "other": "#bbbbbb"}
+_PHASE_NAMES = {"data": "data wait", "compute": "compute (fwd+bwd)", "comm": "exposed comm", "optim": "optimiser",
+                "other": "other"}
 
 
-def _series(rows: list[dict[str, Any]], value: str) -> dict[str, list[tuple[int, float]]]:
-    """Label -> sorted (world size, value) of ok rows; the label is model (+ settings/precision when not default)."""
-    out: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for r in rows:
-        if r["status"] != "ok" or r.get(value) is None:
-            continue
-        label = r["model"]
-        if r["settings"] != "default":
-            label += f" [{r['settings']}]"
-        if r["precision"] != "no":
-            label += f" {r['precision']}"
-        if r["scaling"] == "strong":
-            label += f" G={r['global_batch']}"
-        else:
-            label += f" b={r['micro_batch'] * r['grad_accum']}"
-        out[label].append((r["world_size"], float(r[value])))
-    return {k: sorted(v) for k, v in sorted(out.items())}
+def _ok(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    return [r for r in rows if r["status"] == "ok" and r.get(key) is not None]
 
 
-def _finish(fig: Any, ax: Any, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="best")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": keep the pixel size fixed
-    return path
+def _label(r: dict[str, Any]) -> str:
+    label = variant_label(r)
+    return label + (f" G={r['global_batch']}" if r["scaling"] == "strong" else "")
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, dict[int, list[float]]]]:
+    """model -> series label -> N -> values (several when the point was repeated)."""
+    out: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in _ok(rows, key):
+        out[r["model"]][_label(r)][r["world_size"]].append(float(r[key]))
+    return out
+
+
+def _panels(n: int, title: str) -> tuple[Figure, list[Any]]:
+    """A figure of ``n`` panels (up to 3 a row), the unused ones hidden."""
+    cols = min(max(n, 1), 3)
+    rows = math.ceil(max(n, 1) / cols)
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=11)
+    return fig, axes[:n]
 
 
 def _workers_axis(ax: Any, sizes: set[int]) -> None:
     if sizes:
         ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(sizes), [str(s) for s in sorted(sizes)])
+        ticks = sorted(sizes)
+        if len(ticks) > 6:  # a long extrapolation: every other power of two
+            ticks = [t for t in ticks if round(math.log2(t)) % 2 == 0] or ticks
+        ax.set_xticks(ticks, [str(s) for s in ticks])
+        ax.minorticks_off()
 
 
-def plot_throughput(rows: list[dict[str, Any]], path: Path) -> Path:
-    """img/s against workers, one line per model, with each model's ideal (linear from its smallest N) dashed."""
-    fig = Figure(figsize=FIGSIZE)
-    ax = fig.subplots()
-    sizes: set[int] = set()
-    for label, pts in _series(rows, "img_per_s").items():
-        xs, ys = zip(*pts)
-        sizes.update(xs)
-        (line,) = ax.plot(xs, ys, marker="o", label=label)
-        ax.plot(xs, [ys[0] * x / xs[0] for x in xs], linestyle="--", color=line.get_color(), alpha=0.5)
-    ax.set_yscale("log")
-    _workers_axis(ax, sizes)
-    return _finish(fig, ax, path, "Throughput vs workers (dashed: ideal linear scaling)", "workers (world size)",
-                   "images / s")
+def _median(v: list[float]) -> float:
+    s = sorted(v)
+    m = len(s) // 2
+    return s[m] if len(s) % 2 else (s[m - 1] + s[m]) / 2
 
 
-def plot_efficiency(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Measured efficiency per model (solid) and the scaling model's prediction (dotted, same colour)."""
-    fig = Figure(figsize=FIGSIZE)
-    ax = fig.subplots()
-    sizes: set[int] = set()
-    pred = _series(rows, "pred_efficiency")
-    for label, pts in _series(rows, "efficiency").items():
-        xs, ys = zip(*pts)
-        sizes.update(xs)
-        (line,) = ax.plot(xs, ys, marker="o", label=label)
-        if label in pred:
-            px, py = zip(*pred[label])
-            ax.plot(px, py, linestyle=":", marker="x", color=line.get_color(), label=f"{label} (predicted)")
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_ylim(0, 1.15)
-    _workers_axis(ax, sizes)
-    return _finish(fig, ax, path, "Scaling efficiency (solid: measured, dotted: scaling model)",
-                   "workers (world size)", "efficiency")
+def plot_efficiency(rows: list[dict[str, Any]], curves: dict[str, dict[int, float]] | None = None) -> Figure:
+    """Efficiency against N, a panel per model (see the module docstring)."""
+    eff, pred = _series(rows, "efficiency"), _series(rows, "pred_efficiency")
+    models = sorted(set(eff) | set(curves or {}))
+    fig, axes = _panels(len(models), "Scaling efficiency: measured (markers, min-max over repeats), "
+                        "scaling model (x: per run, line: extrapolated)")
+    for ax, model in zip(axes, models):
+        sizes: set[int] = set()
+        for label, by_n in sorted(eff.get(model, {}).items()):
+            xs = sorted(by_n)
+            ys = [_median(by_n[n]) for n in xs]
+            err = [[y - min(by_n[n]) for n, y in zip(xs, ys)], [max(by_n[n]) - y for n, y in zip(xs, ys)]]
+            line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+            sizes.update(xs)
+            p = pred.get(model, {}).get(label)
+            if p:
+                ax.plot(sorted(p), [_median(p[n]) for n in sorted(p)], linestyle="none", marker="x", markersize=9,
+                        color=line[0].get_color())
+        curve = (curves or {}).get(model)
+        if curve:
+            ax.plot(sorted(curve), [curve[n] for n in sorted(curve)], color="black", linewidth=1.2, alpha=0.7,
+                    label="scaling model")
+            sizes.update(curve)
+        ax.axhline(1.0, color="grey", linewidth=0.6)
+        ax.set_ylim(0, 1.15)
+        _workers_axis(ax, sizes)
+        _style(ax, model, "workers (N)", "efficiency")
+    return fig
 
 
-def plot_memory(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Peak memory per model (GPU allocator peak, else process RSS), one bar per world size."""
-    fig = Figure(figsize=FIGSIZE)
-    ax = fig.subplots()
-    series = _series(rows, "peak_mem_bytes")
-    sizes = sorted({n for pts in series.values() for n, _ in pts})
-    width = 0.8 / max(len(sizes), 1)
-    for i, n in enumerate(sizes):
-        xs = [j + i * width for j, pts in enumerate(series.values()) if n in dict(pts)]
-        ys = [dict(pts)[n] / 1e9 for pts in series.values() if n in dict(pts)]
-        ax.bar(xs, ys, width=width, label=f"N={n}")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(series))], list(series), rotation=15, fontsize=7)
-    kinds = {r["mem_kind"] for r in rows if r["status"] == "ok" and r.get("peak_mem_bytes") is not None}
+def plot_throughput(rows: list[dict[str, Any]]) -> Figure:
+    """img/s against N, a panel per model, each series' ideal (linear from its smallest N) dashed."""
+    tput = _series(rows, "img_per_s")
+    fig, axes = _panels(len(tput), "Throughput against workers (dashed: ideal linear scaling)")
+    for ax, model in zip(axes, sorted(tput)):
+        sizes: set[int] = set()
+        for label, by_n in sorted(tput[model].items()):
+            xs = sorted(by_n)
+            ys = [_median(by_n[n]) for n in xs]
+            (line,) = ax.plot(xs, ys, marker="o", label=label)
+            ax.plot(xs, [ys[0] * x / xs[0] for x in xs], linestyle="--", color=line.get_color(), alpha=0.5)
+            sizes.update(xs)
+        _workers_axis(ax, sizes)
+        _style(ax, model, "workers (N)", "images / s")
+    return fig
+
+
+def _step_parts(r: dict[str, Any]) -> dict[str, float]:
+    """ms per step of each phase (and "other": what the shares leave of the mean step)."""
+    step_ms = 1000 * r["step_s"]
+    parts = {p: 1000 * r["step_s"] * (r[f"{p}_share"] or 0.0) for p in PHASES}
+    parts["other"] = max(step_ms - sum(parts.values()), 0.0)
+    return parts
+
+
+def plot_breakdown(rows: list[dict[str, Any]]) -> Figure:
+    """Stacked bars of the mean step time per model (a panel each), N and variant."""
+    ok = [r for r in _ok(rows, "step_s") if r["compute_share"] is not None]
+    models = sorted({r["model"] for r in ok})
+    fig, axes = _panels(len(models), "Where the step time goes (mean step = per-worker batch x N / img/s)")
+    for ax, model in zip(axes, models):
+        mine = [r for r in ok if r["model"] == model]
+        labels = [f"N={r['world_size']}\n{_label(r)}" for r in mine]
+        bottom = [0.0] * len(mine)
+        for phase in (*PHASES, "other"):
+            heights = [_step_parts(r)[phase] for r in mine]
+            ax.bar(range(len(mine)), heights, bottom=bottom, color=_PHASE_COLOURS[phase], label=_PHASE_NAMES[phase],
+                   width=0.7)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        ax.set_xticks(range(len(mine)), labels, fontsize=7)
+        ax.margins(y=0.08)
+        _style(ax, model, "", "ms per step", legend=False)
+    if axes:
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=5, fontsize=8)
+    return fig
+
+
+def plot_memory(rows: list[dict[str, Any]], zero_rows: list[dict[str, Any]] | None = None) -> Figure:
+    """Memory per rank by ZeRO stage (``zero_rows``: :func:`cnnscale.report.columns.memory_table`) when there are
+    any, a panel per model with a bar per rank; else the peak memory per model, one bar per N."""
+    if zero_rows:
+        models = sorted({str(r["model"]) for r in zero_rows})
+        fig, axes = _panels(len(models), "Peak memory per rank by ZeRO stage (bars: measured per rank)")
+        for ax, model in zip(axes, models):
+            mine = [r for r in zero_rows if str(r["model"]) == model]
+            for i, r in enumerate(mine):
+                ranks = r["rank_peak_bytes"]
+                w = 0.8 / len(ranks)
+                bars = ax.bar([i - 0.4 + w * (k + 0.5) for k in range(len(ranks))], [b / 1e9 for b in ranks],
+                              width=w, color="#1b9e77" if r["zero_stage"] else "#7570b3", edgecolor="white")
+                for k, (bar, b) in enumerate(zip(bars, ranks)):
+                    ax.text(bar.get_x() + w / 2, 0.05, f"rank {k}\n{b / 1e9:.2f}", ha="center", va="bottom",
+                            fontsize=7, color="white")
+                if r["predicted_total_bytes"]:
+                    ax.hlines(r["predicted_total_bytes"] / 1e9, i - 0.45, i + 0.45, color="black",
+                              label="predicted per rank" if i == 0 else None)
+                if r["predicted_model_states_bytes"]:
+                    ax.hlines(r["predicted_model_states_bytes"] / 1e9, i - 0.45, i + 0.45, color="black",
+                              linestyle="--", label="of which model states (ZeRO paper)" if i == 0 else None)
+            ax.set_xticks(range(len(mine)), [f"{r['config']}\nN={r['world_size']}" for r in mine], fontsize=7)
+            _style(ax, model, "", "GB per rank")
+        return fig
+    mem = _series(rows, "peak_mem_bytes")
+    kinds = {r["mem_kind"] for r in _ok(rows, "peak_mem_bytes")}
     what = "GPU allocator peak" if kinds == {"gpu"} else "peak RSS per process" if kinds == {"rss"} else "peak"
-    return _finish(fig, ax, path, f"Peak memory per model ({what})", "model", "GB")
+    fig, axes = _panels(len(mem), f"Peak memory per model ({what}, max over ranks)")
+    for ax, model in zip(axes, sorted(mem)):
+        bars = [(f"N={n}\n{label}", _median(v)) for label, by_n in sorted(mem[model].items())
+                for n, v in sorted(by_n.items())]
+        ax.bar(range(len(bars)), [v / 1e9 for _, v in bars], color="#7570b3", width=0.6)
+        ax.set_xticks(range(len(bars)), [b for b, _ in bars], fontsize=7)
+        _style(ax, model, "", "GB", legend=False)
+    return fig
 
 
-def write_plots(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
-    """Write throughput.png, efficiency.png and memory.png into ``out_dir``; returns their paths."""
+def _style(ax: Any, title: str, xlabel: str, ylabel: str, legend: bool = True) -> None:
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(True, alpha=0.3)
+    ax.set_axisbelow(True)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+
+
+def figures(rows: list[dict[str, Any]], curves: dict[str, dict[int, float]] | None = None,
+            zero_rows: list[dict[str, Any]] | None = None) -> dict[str, Figure]:
+    """File name -> figure, for every plot of the report."""
+    return {"efficiency.png": plot_efficiency(rows, curves), "throughput.png": plot_throughput(rows),
+            "breakdown.png": plot_breakdown(rows), "memory.png": plot_memory(rows, zero_rows)}
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG bytes (fixed pixel size: no bbox_inches="tight")."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def write_plots(rows: list[dict[str, Any]], out_dir: str | Path, curves: dict[str, dict[int, float]] | None = None,
+                zero_rows: list[dict[str, Any]] | None = None) -> list[Path]:
+    """Write the figures of :func:`figures` into ``out_dir``; returns their paths."""
     out = Path(out_dir)
-    return [plot_throughput(rows, out / "throughput.png"), plot_efficiency(rows, out / "efficiency.png"),
-            plot_memory(rows, out / "memory.png")]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in figures(rows, curves, zero_rows).items():
+        fig.savefig(out / name, dpi=DPI)
+        paths.append(out / name)
+    return paths

@@ -49,16 +49,20 @@ def _predict_row(model: str, row: dict[str, Any], ic: scaling.Interconnect, para
         compute = step0 - (scaling.step_time_s(step0, nbytes, row["world_size"], ic) - step0)
     preds = {n: scaling.predict_efficiency(compute, nbytes, n, ic) if compute is not None else None
              for n in PREDICT_AT}
+    sizes = [2 ** k for k in range(max(PREDICT_AT).bit_length())]
+    curve = {n: scaling.predict_efficiency(compute, nbytes, n, ic) for n in sizes} if compute is not None else {}
     gflop = flops_step / 1e9 if flops_step is not None else None
     return {"model": model, "params": params, "grad_mb": nbytes / 1e6, "batch": ipw, "gflop_step": gflop,
             "mb_per_gflop": nbytes / 1e6 / gflop if gflop else None,
             "compute_ms": compute * 1000 if compute is not None else None, "interconnect": ic.name, "pred": preds,
+            "curve": curve, "settings": row["settings"], "precision": row["precision"],
             "source": f"{tflops:g} TFLOP/s" if tflops else f"measured at N={row['world_size']}"}
 
 
 def predict_rows(runs: list[Run], rows: list[dict[str, Any]], interconnect: str | None, tflops: float | None,
                  fits: dict[str, dict[str, Any]], warnings: list[str] | None = None) -> list[dict[str, Any]]:
-    """One row per model: params, gradient MB, GFLOP per step, MB/GFLOP, compute ms, predicted efficiency at N.
+    """One row per model: params, gradient MB, GFLOP per step, MB/GFLOP, compute ms, predicted efficiency at N
+    (``pred``, at :data:`PREDICT_AT`; ``curve``, at every power of two up to its largest, for the plots).
 
     Lowest MB/GFLOP first; models whose records lack FLOPs (or parameters) come last with "n/a" figures and one
     line each in ``warnings``.

@@ -11,8 +11,15 @@ Launch forms (see ../shared/STACK-FACTS.md for the forms that silently run world
 
 - world size 1: ``python -m cnnscale.train ARGS``;
 - world size N: ``accelerate launch --multi_gpu --num_processes N --num_machines 1 --main_process_port P
-  -m cnnscale.train ARGS`` (the trainer makes the Accelerator with ``cpu=True`` when there is no GPU, so this is gloo
-  on CPU), or ``torchrun --nnodes 1 --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:P -m ...``.
+  --machine_rank 0 --mixed_precision no --dynamo_backend no -m cnnscale.train ARGS`` (the trainer makes the
+  Accelerator with ``cpu=True`` when there is no GPU, so this is gloo on CPU), or ``torchrun --nnodes 1
+  --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:P -m ...``.
+
+The launcher's own defaults are passed explicitly (:data:`ACCELERATE_DEFAULTS`): ``accelerate launch`` fills every
+flag left out from the user's ``default_config.yaml``, so a ``dynamo_backend: inductor`` there would compile every
+study point behind its back (the point's precision is the trainer's ``--mixed-precision``, never the launcher's).
+On a GPU machine, a world size above the GPUs this process may use is refused before the study starts
+(:func:`check_gpu_world_sizes`), instead of each point failing inside NCCL with "Duplicate GPU detected".
 """
 
 from __future__ import annotations
@@ -28,10 +35,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["Outcome", "Backend", "LocalBackend", "BACKENDS", "build_command", "classify_failure", "free_port",
-           "LAUNCHERS", "TRAIN_MODULE", "is_script", "target_argv", "point_env", "port_in_use"]
+from cnnscale.errors import UserError
+from cnnscale.profile.gpus import visible_gpus
+
+__all__ = ["ACCELERATE_DEFAULTS", "check_gpu_world_sizes", "Outcome", "Backend", "LocalBackend", "BACKENDS",
+           "build_command", "classify_failure", "free_port", "LAUNCHERS", "TRAIN_MODULE", "is_script", "target_argv",
+           "point_env", "port_in_use"]
 
 TRAIN_MODULE = "cnnscale.train"
+# accelerate launch flags a user's Accelerate config would otherwise fill: one machine, no launcher-side precision,
+# no TorchDynamo (the trainer's fast.compile decides compilation).
+ACCELERATE_DEFAULTS = ("--machine_rank", "0", "--mixed_precision", "no", "--dynamo_backend", "no")
 LAUNCHERS = ("accelerate", "torchrun")
 
 _OOM = ("CUDA out of memory", "OutOfMemoryError", "DefaultCPUAllocator: can't allocate memory",
@@ -96,7 +110,20 @@ def build_command(target: str | Path, args: list[str], world_size: int, port: in
         return [*_launcher("torchrun", python), "--nnodes", "1", "--nproc-per-node", str(world_size),
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", *tail]
     return [*_launcher("accelerate", python), "--multi_gpu", "--num_processes", str(world_size),
-            "--num_machines", "1", "--main_process_port", str(port), *tail]
+            "--num_machines", "1", "--main_process_port", str(port), *ACCELERATE_DEFAULTS, *tail]
+
+
+def check_gpu_world_sizes(world_sizes: list[int] | tuple[int, ...], gpus: list[str] | None = None) -> None:
+    """On a machine whose ``nvidia-smi -L`` shows GPUs (``gpus``, default: the ones this process may use), a world
+    size above their count is a one-line UserError; a machine without GPUs runs any world size as CPU processes.
+    Costs one nvidia-smi call (~0.1 s) when ``gpus`` is not given."""
+    gpus = visible_gpus() if gpus is None else gpus
+    too_big = sorted({n for n in world_sizes if n > len(gpus)})
+    if gpus and too_big:
+        vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise UserError(f"world size {', '.join(map(str, too_big))} needs one GPU per process but this machine shows "
+                        f"{len(gpus)} GPU(s){f' (CUDA_VISIBLE_DEVICES={vis})' if vis is not None else ''}; use world "
+                        f"sizes up to {len(gpus)}, or a multi-node backend")
 
 
 def point_env(threads: int, base: dict[str, str] | None = None) -> dict[str, str]:

@@ -19,7 +19,15 @@ from pathlib import Path
 
 from cnnscale.errors import UserError
 from cnnscale.records import io as records
-from cnnscale.study.launcher import BACKENDS, Backend, build_command, free_port, point_env, port_in_use
+from cnnscale.study.launcher import (
+    BACKENDS,
+    Backend,
+    build_command,
+    check_gpu_world_sizes,
+    free_port,
+    point_env,
+    port_in_use,
+)
 from cnnscale.study.matrix import Point, check_targets, expand, point_args
 from cnnscale.study.outcome import PointRecord, read_done, record_point, run_summary
 from cnnscale.study.progress import StudyProgress, make_study_progress
@@ -103,6 +111,8 @@ def run_study(spec: StudySpec, out: Path, backend: Backend | None = None,
     if too_big and backend.name == "local":
         raise UserError(f"{spec.source}: world sizes {too_big} exceed gpus_per_node {spec.gpus_per_node}; "
                         "the local backend runs one machine (use a multi-node backend)")
+    if backend.name == "local":
+        check_gpu_world_sizes(spec.world_sizes)  # GPU machine: at most one process per visible GPU
     check_targets(spec, expand(spec))  # the batch rules and missing scripts fail here, before anything is written
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -2,17 +2,19 @@
 
 See :mod:`cnnscale.study.local` for the file format. Like the run config, a study is a frozen dataclass with a
 docstring per field, its values converted by the one coercion (:func:`cnnscale.config.coerce.from_mapping`) and its
-ranges and choices checked in ``__post_init__``. Every error names the file and, where there are any, the valid
-choices; nothing here imports torch.
+ranges and choices declared beside each field (:func:`cnnscale.config.ranges.setting`) and checked by the one
+validator (``__post_init__`` holds only the cross-field rules). Every error names the file and, where there are
+any, the valid choices; nothing here imports torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from cnnscale.config import DATASETS, PRECISIONS, coerce, field_types, from_mapping, load_yaml
+from cnnscale.config.ranges import RANGE, Range, check_fields, check_value, setting, short
 from cnnscale.errors import UserError
 from cnnscale.records.schema import SCALINGS
 from cnnscale.study.launcher import LAUNCHERS
@@ -24,117 +26,93 @@ def _fail(src: str, msg: str) -> UserError:
     return UserError(f"{src}: {msg}")
 
 
-def _ints_at_least(src: str, key: str, values: tuple[int, ...], minimum: int) -> None:
-    if not values or any(v < minimum for v in values):
-        raise _fail(src, f"{key} must be integers >= {minimum}, got {list(values)}")
-
-
-def _at_least(src: str, key: str, value: float, minimum: float) -> None:
-    if value < minimum:
-        raise _fail(src, f"{key} must be >= {minimum}, got {value}")
-
-
-def _one_of(src: str, key: str, values: tuple[str, ...], allowed: tuple[str, ...]) -> None:
-    for v in values:
-        if v not in allowed:
-            raise _fail(src, f"{key}: unknown value {v!r} (choose from: {', '.join(allowed)})")
+def _required(**rules: Any) -> Any:
+    """A required field (no default) with its :class:`Range`."""
+    return field(default=MISSING, metadata={RANGE: Range(**rules)})
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """One model of a study: a name, or a mapping that also overrides some of the study's values for it."""
 
-    name: str
+    name: str = _required(min_len=1, max_len=100)
     """Registered model name (``cnnscale models`` lists them)."""
-    micro_batches: tuple[int, ...] = ()
+    micro_batches: tuple[int, ...] = setting((), ge=1, cap=65536)
     """Overrides the study's micro_batches for this model (weak scaling); () keeps the study's."""
-    global_batch: int = 0
+    global_batch: int = setting(0, ge=0, cap=2**24)
     """Overrides the study's global_batch for this model (strong scaling); 0 keeps the study's."""
-    max_steps: int = 0
+    max_steps: int = setting(0, ge=0, cap=10**9)
     """Overrides the study's max_steps for this model; 0 keeps the study's."""
 
     def __post_init__(self) -> None:
-        src = f"model {self.name!r}"
-        if not self.name:
-            raise UserError("a model entry needs a non-empty name")
-        if self.micro_batches:
-            _ints_at_least(src, "micro_batches", self.micro_batches, 1)
-        _at_least(src, "global_batch", self.global_batch, 0)
-        _at_least(src, "max_steps", self.max_steps, 0)
+        check_fields(self, f"model {short(self.name, 60)}: ")
 
 
 @dataclass(frozen=True)
 class StudySpec:
     """A scaling study: models x world sizes x precisions x micro-batches x settings, each point a training run."""
 
-    name: str
+    name: str = _required(min_len=1, max_len=100, free="the default output directory runs/<name>")
     """The study's name (its default output directory is runs/<name>)."""
-    models: tuple[ModelSpec, ...]
+    models: tuple[ModelSpec, ...] = _required(free="each entry a ModelSpec, checked by itself")
     """The models, in order; at least one."""
-    description: str = ""
+    description: str = setting("", max_len=10_000)
     """Free text, shown by --dry-run and kept in study.yaml."""
-    scaling: str = "weak"
+    scaling: str = setting("weak", choices=SCALINGS)
     """weak (fixed per-process micro-batch) or strong (fixed global batch, split over the world size)."""
-    world_sizes: tuple[int, ...] = (1, 2)
+    world_sizes: tuple[int, ...] = setting((1, 2), ge=1, cap=65536, nonempty=True)
     """Process counts to run each model at."""
-    precisions: tuple[str, ...] = ("no",)
+    precisions: tuple[str, ...] = setting(("no",), choices=PRECISIONS, nonempty=True)
     """Mixed-precision modes to run (no, fp16, bf16)."""
-    micro_batches: tuple[int, ...] = (32,)
+    micro_batches: tuple[int, ...] = setting((32,), ge=1, cap=65536, nonempty=True)
     """Weak scaling: images per process per forward/backward, one point each."""
-    global_batch: int = 0
+    global_batch: int = setting(0, ge=0, cap=2**24)
     """Strong scaling: images per optimiser step, fixed across world sizes (0: unset)."""
-    grad_accum: int = 1
+    grad_accum: int = setting(1, ge=1, cap=65536)
     """Micro-batches accumulated per optimiser step (strong scaling doubles it while micro > max_micro_batch)."""
-    max_micro_batch: int = 0
+    max_micro_batch: int = setting(0, ge=0, cap=65536)
     """Strong scaling: largest micro-batch before grad_accum doubles (0: no limit)."""
-    min_micro_batch: int = 1
+    min_micro_batch: int = setting(1, ge=1, cap=65536)
     """Strong scaling: smallest micro-batch allowed (a world size that needs less is an error)."""
-    max_steps: int = 20
+    max_steps: int = setting(20, ge=1, cap=10**9)
     """Optimiser steps per point."""
-    data: str = "synthetic"
+    data: str = setting("synthetic", choices=DATASETS)
     """Data set of every point (cifar10, imagefolder, synthetic)."""
-    timeout_s: float = 900.0
+    timeout_s: float = setting(900.0, ge=1, cap=30 * 86400)
     """Seconds a point may run before it is stopped and recorded as timed out."""
-    threads_per_process: int = 1
+    threads_per_process: int = setting(1, ge=0, cap=4096)
     """torch threads per process (0: leave as is)."""
-    launcher: str = "accelerate"
+    launcher: str = setting("accelerate", choices=LAUNCHERS)
     """How the local backend starts the processes of a point (accelerate or torchrun)."""
-    overrides: tuple[tuple[str, Any], ...] = ()
+    overrides: tuple[tuple[str, Any], ...] = setting((), free="each value checked by the training run's config")
     """``section.field: value`` given to every point's training run."""
-    settings: tuple[tuple[str, dict[str, Any]], ...] = (("default", {}),)
+    settings: tuple[tuple[str, dict[str, Any]], ...] = setting((("default", {}),), free="names checked on load")
     """Named variants, each with its own ``section.field: value`` overrides (or ``script:``), one point each."""
-    max_batch: dict[str, int] | None = None
+    max_batch: dict[str, int] | None = setting(None, free="start and steps checked on load (MAX_BATCH_RANGE)")
     """Search the largest micro-batch per model first: {start: 1024, steps: 3} (None: no search)."""
-    allreduce_bench: bool = True
+    allreduce_bench: bool = setting(True)
     """Time a 2-process all-reduce before the points, to fit the measured interconnect."""
-    gpus_per_node: int = 0
+    gpus_per_node: int = setting(0, ge=0, cap=4096)
     """Devices per machine (0: every point runs on this one); the local backend refuses larger world sizes."""
-    source: str = "<study>"
+    source: str = setting("<study>", free="filled in by the loader")
     """Where the spec came from (the file), named in every error."""
-    raw: dict[str, Any] | None = None
+    raw: dict[str, Any] | None = setting(None, free="filled in by the loader")
     """The mapping as read, written back as study.yaml."""
 
     def __post_init__(self) -> None:
         src = self.source
         if not self.models:
             raise _fail(src, "models must be a non-empty list of names or {name: ..} mappings")
-        _one_of(src, "scaling", (self.scaling,), SCALINGS)
-        _one_of(src, "precisions", self.precisions, PRECISIONS)
-        _one_of(src, "launcher", (self.launcher,), LAUNCHERS)
-        _one_of(src, "data", (self.data,), DATASETS)
-        for key in ("world_sizes", "micro_batches"):
-            _ints_at_least(src, key, getattr(self, key), 1)
-        if not self.precisions:
-            raise _fail(src, f"precisions must name at least one of: {', '.join(PRECISIONS)}")
-        for key, minimum in (("global_batch", 0), ("grad_accum", 1), ("max_micro_batch", 0), ("min_micro_batch", 1),
-                             ("max_steps", 1), ("threads_per_process", 0), ("timeout_s", 1), ("gpus_per_node", 0)):
-            _at_least(src, key, getattr(self, key), minimum)
+        try:
+            check_fields(self)
+        except UserError as exc:
+            raise _fail(src, str(exc)) from None
+        # the cross-field rules
         if self.scaling == "strong" and not self.global_batch and not all(m.global_batch for m in self.models):
             raise _fail(src, "strong scaling needs global_batch (fixed images per optimiser step)")
-        if self.max_batch is not None:
-            for key in ("start", "steps"):
-                _at_least(src, f"max_batch.{key}", self.max_batch[key], 1)
 
+
+MAX_BATCH_RANGE = {"start": Range(ge=1, cap=65536), "steps": Range(ge=1, cap=100)}
 
 # the keys a study file may have: every field but the two the loader fills in
 SPEC_KEYS = tuple(f.name for f in fields(StudySpec) if f.name not in ("source", "raw"))
@@ -170,7 +148,7 @@ def _flatten(src: str, what: str, d: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(v, dict):
             flat.update(_flatten(src, what, v, key + "."))
         elif "." not in key and key != "script":
-            raise _fail(src, f"{what} key {key!r} must be section.field (e.g. dist.comm_hook)")
+            raise _fail(src, f"{what} key {short(key)} must be section.field (e.g. dist.comm_hook)")
         else:
             flat[key] = v
     return flat
@@ -184,7 +162,7 @@ def _models(src: str, value: Any) -> tuple[ModelSpec, ...]:
         if isinstance(m, str):
             m = {"name": m}
         if not isinstance(m, dict) or "name" not in m:
-            raise _fail(src, f"a model entry must be a name or a mapping with 'name', got {m!r}")
+            raise _fail(src, f"a model entry must be a name or a mapping with 'name', got {short(m)}")
         out.append(from_mapping(ModelSpec, m, src, "models."))
     return tuple(out)
 
@@ -197,7 +175,7 @@ def _settings(src: str, value: Any) -> tuple[tuple[str, dict[str, Any]], ...]:
     out = []
     for name, over in value.items():
         if not str(name).replace("_", "").replace("-", "").isalnum():
-            raise _fail(src, f"settings name {name!r} must be letters, digits, '_' or '-'")
+            raise _fail(src, f"settings name {short(name)} must be letters, digits, '_' or '-'")
         out.append((str(name), _flatten(src, f"settings.{name}", over or {})))
     return tuple(out)
 
@@ -209,19 +187,21 @@ def _max_batch(src: str, value: Any) -> dict[str, int] | None:
     unknown = sorted(set(given) - {"start", "steps"})
     if unknown:
         raise _fail(src, f"unknown key 'max_batch.{unknown[0]}' (valid keys: start, steps)")
-    return {"start": coerce("max_batch.start", given.get("start", 1024), int),
-            "steps": coerce("max_batch.steps", given.get("steps", 3), int)}
+    out = {k: coerce(f"max_batch.{k}", given.get(k, default), int) for k, default in (("start", 1024), ("steps", 3))}
+    for k, v in out.items():
+        check_value(f"max_batch.{k}", v, MAX_BATCH_RANGE[k])
+    return out
 
 
 def _parse(raw: Any, src: str) -> StudySpec:
     if not isinstance(raw, dict):
         raise _fail(src, f"expected a mapping of study keys, got {type(raw).__name__}")
-    bad = sorted(set(raw) - set(SPEC_KEYS))
+    bad = sorted(set(raw) - set(SPEC_KEYS), key=str)
     if bad:
-        raise _fail(src, f"unknown key {bad[0]!r} (valid keys: {', '.join(SPEC_KEYS)})")
+        raise _fail(src, f"unknown key {short(bad[0])} (valid keys: {', '.join(SPEC_KEYS)})")
     for key in ("name", "models"):
         if key not in raw:
-            raise _fail(src, f"missing required key {key!r}")
+            raise _fail(src, f"missing required key {short(key)}")
     kw: dict[str, Any] = {"models": _models(src, raw["models"]),
                           "overrides": tuple(_flatten(src, "overrides", raw.get("overrides") or {}).items()),
                           "settings": _settings(src, raw.get("settings")),

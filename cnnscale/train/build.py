@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import os
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -21,21 +23,31 @@ from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKw
 from torch import nn
 
 from cnnscale.config import Config, FastConfig, ModelConfig, TrainConfig
+from cnnscale.errors import UserError
 from cnnscale.models import create_model
+from cnnscale.profile import gpus
 from cnnscale.profile.flops import count_flops
 from cnnscale.profile.mfu import MfuInputs
 from cnnscale.train import deepspeed as ds_config
+from cnnscale.train import trackers
 
 # Imported here, before build_accelerator starts the process group, on purpose. Both are imported during every run
 # anyway (torch._dynamo by the first optimiser, deepspeed by accelerate's unwrap_model/save_state), but first imported
 # AFTER init_process_group they keep the gloo group alive past destroy_process_group (measured with torch 2.14 and
 # deepspeed 0.19: its C++ threads pt_gloo_runloop x2 and gloo_tcp_loop then still run at interpreter exit, where a
 # joinable thread torn down aborts with "terminate called without an active exception").
-with contextlib.suppress(ImportError):
-    import deepspeed  # noqa: F401  (optional dependency)
+# Its import logs "Setting accelerator to CPU" on a machine without a GPU, to stdout, ahead of `cnnscale train --help`
+# and before a one-line error: log records up to WARNING are dropped while it imports (only then).
+logging.disable(logging.WARNING)
+try:
+    with contextlib.suppress(ImportError):
+        import deepspeed  # noqa: F401  (optional dependency)
+finally:
+    logging.disable(logging.NOTSET)
 
-__all__ = ["build_accelerator", "apply_fast_path", "build_model", "compile_model", "steps_per_epoch", "total_steps",
-           "model_flops", "train_flops_per_image", "mfu_inputs"]
+__all__ = ["build_accelerator", "resolve_device", "process_device", "check_gpu_count", "check_ddp",
+           "collective_timeout", "COMPILE_TIMEOUT_S", "apply_fast_path", "build_model", "compile_model",
+           "steps_per_epoch", "total_steps", "model_flops", "train_flops_per_image", "mfu_inputs"]
 
 
 def _cache_accelerate_lomo_check() -> None:
@@ -46,14 +58,92 @@ def _cache_accelerate_lomo_check() -> None:
         acc_opt.is_lomo_available = functools.cache(fn)
 
 
+COMPILE_TIMEOUT_S = 1800
+"""The collective timeout of a run with ``fast.compile`` on (unless ``dist.timeout_s`` is larger): ranks that finish
+compiling minutes apart (8 GPUs, the first steps and again the first evaluation in eval mode) must not be taken for a
+dead rank. A dead rank in a compiled run is therefore found after 30 minutes, not 2."""
+
+
+def collective_timeout(cfg: Config) -> int:
+    """Seconds a collective may wait: ``dist.timeout_s``, raised to :data:`COMPILE_TIMEOUT_S` under ``fast.compile``."""
+    return max(cfg.dist.timeout_s, COMPILE_TIMEOUT_S) if cfg.fast.compile else cfg.dist.timeout_s
+
+
+def check_ddp(cfg: Config) -> None:
+    """Refuse DDP settings that crash inside PyTorch: ``static_graph`` with accumulation (or ``compute_only``) fails
+    on the first micro-step under no_sync (DDP's static graph expects every backward to all-reduce)."""
+    if cfg.dist.static_graph and cfg.train.grad_accum > 1:
+        raise UserError(f"dist.static_graph true cannot be combined with train.grad_accum {cfg.train.grad_accum}: "
+                        "DDP's static graph crashes on the first no_sync micro-step; use --grad-accum 1 or "
+                        "--dist.static_graph false")
+    if cfg.dist.static_graph and cfg.dist.compute_only:
+        raise UserError("dist.static_graph true cannot be combined with dist.compute_only true (every step runs "
+                        "under no_sync, which a static graph does not allow); drop one of them")
+
+
+def _unusable_gpus(listed: list[str], asked: str) -> UserError:
+    names = sorted({re.sub(r"^GPU \d+:\s*|\s*\(UUID:.*$", "", ln) for ln in listed})
+    driver, driver_cuda = gpus.driver_versions()
+    build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    want = f"CUDA {driver_cuda} or older" if driver_cuda else "the driver's CUDA version"
+    seen = (f"nvidia-smi lists {len(listed)} GPU(s) ({', '.join(names)}; driver {driver or '?'}, supports CUDA "
+            f"{driver_cuda or '?'})" if listed else "nvidia-smi lists no GPU")
+    head = "train.device cuda, but" if asked == "cuda" else "GPUs present but unusable:"
+    return UserError(f"{head} {seen} and torch {torch.__version__} ({build}) cannot use them; install a torch "
+                     f"wheel built for {want} (the index URL per CUDA version: https://pytorch.org/get-started/locally/"
+                     "), or pass --device cpu to train on the CPU")
+
+
+def resolve_device(asked: str) -> str:
+    """``cpu`` or ``cuda`` for ``train.device`` (auto, cpu or cuda). auto is cuda when torch can use a GPU and cpu
+    when the node has none, but a node whose nvidia-smi lists GPUs that torch cannot use (a wheel built for a newer
+    driver, a CPU-only wheel) is a one-line UserError, never a silent CPU run. Costs one nvidia-smi call (~0.1 s)
+    only where torch sees no GPU."""
+    if asked == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    listed = gpus.visible_gpus()
+    if listed or asked == "cuda":
+        raise _unusable_gpus(listed, asked)
+    return "cpu"
+
+
+def check_gpu_count(local_processes: int, visible: int) -> None:
+    """More processes on a node than GPUs it shows this process is a one-line UserError (NCCL would fail later,
+    inside its first collective, with "Duplicate GPU detected")."""
+    if local_processes > visible:
+        where = os.environ.get("CUDA_VISIBLE_DEVICES")
+        vis = f" (CUDA_VISIBLE_DEVICES={where})" if where is not None else ""
+        raise UserError(f"{local_processes} processes on this node but {visible} visible GPU(s){vis}: one process "
+                        f"per GPU; launch at most {visible} per node (--num_processes), or pass --device cpu")
+
+
+def process_device(cfg: Config) -> torch.device:
+    """The device :func:`build_accelerator`'s Accelerator gives this process (``cuda:LOCAL_RANK`` or ``cpu``), known
+    before it exists: for work done before ``run`` (prune's first evaluation), so rank N does not sit on GPU 0."""
+    if resolve_device(cfg.train.device) == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def build_accelerator(cfg: Config) -> Accelerator:
-    """Accelerator on CPU (gloo) when there is no GPU, whatever the launcher or config file says; the DeepSpeed
-    JSON's "auto" values filled from ``cfg``. Starts the process group under a launcher (collective)."""
+    """Accelerator on ``train.device`` (auto: CUDA when torch can use it, CPU with gloo on a node without GPUs,
+    whatever the launcher or config file says; see :func:`resolve_device`); the DeepSpeed JSON's "auto" values
+    filled from ``cfg``. Refuses bad combinations before anything starts; then starts the process group under a
+    launcher (collective). Batches are copied to the GPU with ``non_blocking=True`` (pinned memory, no stream
+    synchronise per step: the host keeps queueing work while the copy runs)."""
     _cache_accelerate_lomo_check()
-    cpu = not torch.cuda.is_available()
+    check_ddp(cfg)
+    cpu = resolve_device(cfg.train.device) == "cpu"
+    if cpu and torch.cuda.is_available() and ds_config.use_deepspeed():
+        raise UserError("train.device cpu with DeepSpeed on a node with usable GPUs is not supported (DeepSpeed "
+                        "picks the GPU itself); use a DDP launch config for a CPU run")
+    if not cpu:
+        check_gpu_count(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # gloo must be named on CPU for DeepSpeed's sake; naming it without a launcher would start a process group.
-    handlers: list[Any] = [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s),
+    handlers: list[Any] = [InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout(cfg)),
                                                   backend="gloo" if cpu and launched else None)]
     ddp: dict[str, Any] = {"bucket_cap_mb": cfg.dist.bucket_mb, "static_graph": cfg.dist.static_graph}
     if cfg.dist.comm_hook != "none":
@@ -63,7 +153,8 @@ def build_accelerator(cfg: Config) -> Accelerator:
     # Under DeepSpeed these two fill the JSON's "auto" values; cpu=True would silently drop DeepSpeed for plain DDP.
     acc = Accelerator(cpu=cpu and not ds_config.use_deepspeed(), kwargs_handlers=handlers,
                       mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
-                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
+                      log_with=trackers.log_with(cfg.train), project_config=trackers.project_config(cfg.train))
     ds_config.configure_deepspeed(acc, cfg)
     return acc
 

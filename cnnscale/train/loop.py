@@ -24,10 +24,10 @@ from torch import nn
 
 from cnnscale.config import Config, global_batch
 from cnnscale.data import loaders
-from cnnscale.errors import write_error
+from cnnscale.errors import UserError, write_error
 from cnnscale.profile.profiler import NullProfiler, build_profiler
 from cnnscale.scaling import memory as zero_memory
-from cnnscale.train import checkpoint, preempt
+from cnnscale.train import checkpoint, preempt, trackers
 from cnnscale.train import deepspeed as ds_config
 from cnnscale.train.build import (
     apply_fast_path,
@@ -114,7 +114,8 @@ def _build(cfg: Config, acc: Any, task: Task | None, model: nn.Module | None, t_
     """Every part from its own section; the order keeps the RNG stream of the original trainer (seed, data, model)."""
     torch.manual_seed(cfg.train.seed)
     task = task or ClassificationTask(cfg.train.label_smoothing)
-    train_dl, val_dl, test_dl, num_classes = loaders.build(cfg, acc)
+    data = loaders.build(cfg, acc)  # the data decides num_classes; data.env: unreadable files it left out
+    train_dl, val_dl, test_dl, num_classes = data
     if num_classes != cfg.model.num_classes:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
     run_dir = resolve_out(cfg, acc.num_processes)
@@ -135,12 +136,13 @@ def _build(cfg: Config, acc: Any, task: Task | None, model: nn.Module | None, t_
     acc.register_for_checkpointing(scheduler)
     mfu_in, flops = mfu_inputs(cfg)
     prof = build_profiler(cfg.profile, acc.device, acc.num_processes, accelerator=acc, model=prepared,
-                          run_dir=run_dir, total_steps=total, mfu_inputs=mfu_in, channels_last=cfg.fast.channels_last)
+                          run_dir=run_dir, total_steps=total, mfu_inputs=mfu_in, channels_last=cfg.fast.channels_last,
+                          task=task)
     # DeepSpeed clips inside engine.step (the JSON's gradient_clipping, filled from train.clip_grad).
     clip = 0.0 if ds_config.use_deepspeed() else cfg.train.clip_grad
     parts = _Parts(cfg, acc, task, prepared, prepared_opt, scheduler, train_dl, val_dl, test_dl, prof,
                    RunFiles(run_dir, acc), total, ds_config.input_dtype(acc), clip, n_params, t_start)
-    parts.env_extra = _env_extra(parts, {**fast_env, "model": cfg.model.name, "params": n_params, **flops},
+    parts.env_extra = _env_extra(parts, {**fast_env, "model": cfg.model.name, "params": n_params, **flops, **data.env},
                                  param_counts)
     return parts
 
@@ -291,6 +293,7 @@ def run(cfg: Config, task: Task | None = None, model: nn.Module | None = None) -
     rank and on every path, so no communication thread outlives the run."""
     preempt.watch_parent()
     t_start = time.time()
+    trackers.check_installed(cfg.train.trackers)  # a missing tracker: one line, before the process group starts
     acc = build_accelerator(cfg)
     try:
         return _run(cfg, acc, task, model, t_start)
@@ -311,6 +314,11 @@ def _run(cfg: Config, acc: Any, task: Task | None, model: nn.Module | None, t_st
         if user is None:
             raise
         raise user from exc
+    except UserError as exc:  # bad input met while training (an unreadable image): the run ends "failed", saying why
+        if p.files.metrics is not None:
+            p.files.finish({"status": "failed", "model": p.cfg.model.name, "world_size": acc.num_processes,
+                            "error": " ".join(str(exc).split())})
+        raise
     return RunResult(summary, p.files.run_dir, acc.unwrap_model(p.model), acc.is_main_process)
 
 
@@ -319,4 +327,4 @@ def _shutdown(acc: Any) -> None:
     that its C++ communication threads are joined here and none is alive at interpreter exit (a joinable thread torn
     down at exit aborts with "terminate called without an active exception"). Costs one gc.collect()."""
     acc.free_memory()
-    acc.end_training()  # destroy_process_group() (the preempt vote's gloo side group with it), on every rank
+    acc.end_training()  # trackers closed (main), destroy_process_group() (the preempt vote's group too), every rank

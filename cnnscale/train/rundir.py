@@ -1,4 +1,5 @@
-"""The run directory as training writes it: config.yaml, env.json, metrics.jsonl and summary.json, on rank 0 only.
+"""The run directory as training writes it: config.yaml, env.json, metrics.jsonl and summary.json, on rank 0 only;
+and the experiment trackers (:mod:`cnnscale.train.trackers`), which get every metrics.jsonl record as it is written.
 
 Every rank calls the same methods (some are collective: :func:`resolve_out`, :meth:`RunFiles.start`); only the main
 process touches the files. The record layout itself is :mod:`cnnscale.records`.
@@ -19,6 +20,7 @@ from cnnscale.errors import UserError
 from cnnscale.records import io as records
 from cnnscale.records.env import collect_env
 from cnnscale.records.schema import Env, Summary, write_env, write_summary
+from cnnscale.train import trackers
 
 __all__ = ["resolve_out", "check_writable", "RunFiles"]
 
@@ -55,7 +57,8 @@ class RunFiles:
 
     def start(self, cfg: Config, env_extra: dict[str, Any], resumed_at: int | None) -> None:
         """Write config.yaml, env.json (``env_extra`` on top of the collected environment) and a ``running``
-        summary; open metrics.jsonl, cut back to ``resumed_at`` on a resume. Collective (gathers hostnames)."""
+        summary; open metrics.jsonl, cut back to ``resumed_at`` on a resume; start the trackers (``train.trackers``)
+        with the resolved config as hyperparameters. Collective (gathers hostnames)."""
         hosts = gather_object([socket.gethostname()])
         if not self.is_main:
             return
@@ -67,11 +70,13 @@ class RunFiles:
         if resumed_at is not None:  # steps past the checkpoint are logged again from here
             records.truncate_metrics(self.run_dir / records.METRICS, resumed_at)
         self.metrics = records.MetricsLog(self.run_dir / records.METRICS)
+        trackers.start(self.acc, self.run_dir, cfg)
 
     def log(self, record: dict[str, Any]) -> None:
-        """One metrics.jsonl line."""
+        """One metrics.jsonl line, and the same record (step and keys) to the trackers."""
         if self.metrics is not None:
             self.metrics.log(record)
+            trackers.log(self.acc, record)
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Write the final summary.json (fields checked against the records schema) and close metrics.jsonl."""

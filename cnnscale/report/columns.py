@@ -1,0 +1,196 @@
+"""The report's three tables as data: which columns, their headers (with units), cells and priorities.
+
+Split by concern, so that each fits a terminal: **scaling** (N, batch, img/s, speedup, efficiency and its range
+over repeats, the scaling model's prediction and error), **resources** (step time and its split, memory,
+utilisation, MFU) and **training** (steps, loss, accuracy). Units go in the header; a cell holds a number only.
+Rows are grouped by model: a model's name is a row of its own, its runs are indented below it, labelled by settings
+variant (and precision when not fp32). Both renderers use these specs: rich (:mod:`cnnscale.report.tables`) and
+HTML (:mod:`cnnscale.report.html`). Pure: no rich, no files.
+
+``priority``: the order in which a renderer that runs out of width drops columns (highest first; 0 is never
+dropped), naming what it dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cnnscale.records.run import Run
+from cnnscale.report.aggregate import collapse_repeats
+from cnnscale.scaling.memory import memory_rows
+
+__all__ = ["Column", "TableSpec", "table_specs", "variant_label", "display_rows", "memory_table", "fmt", "rate"]
+
+Cell = Callable[[dict[str, Any]], str]
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: header (``\\n`` splits it over two lines), right-aligned unless ``left``, a cell function."""
+
+    header: str
+    cell: Cell
+    priority: int = 0
+    left: bool = False
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A table: its name (``scaling``, ``resources``, ``training``), title, columns, caption, and whether failed
+    runs appear in it (only the scaling table shows them, as their status)."""
+
+    name: str
+    title: str
+    columns: tuple[Column, ...]
+    caption: str
+    failed_rows: bool = False
+
+
+def fmt(x: Any, spec: str, na: str = "n/a") -> str:
+    """``format(x, spec)``, or ``na`` for None."""
+    return na if x is None else format(x, spec)
+
+
+def rate(x: float | None) -> str:
+    """img/s: whole images from 100 up, one decimal below."""
+    if x is None:
+        return "n/a"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def _ms(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}"
+
+
+def variant_label(row: dict[str, Any]) -> str:
+    """Settings variant, with the precision when not fp32 and the global batch under strong scaling."""
+    label = row["settings"]
+    if row["precision"] != "no":
+        label = row["precision"] if label == "default" else f"{label} {row['precision']}"
+    return label
+
+
+def display_rows(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any] | None]]:
+    """(label, row) per line: a model's name with None before its runs, then each run (repeats collapsed to the
+    median one) labelled by :func:`variant_label`, indented by two spaces."""
+    out: list[tuple[str, dict[str, Any] | None]] = []
+    last = None
+    for row in collapse_repeats(rows):
+        if row["model"] != last:
+            out.append((row["model"], None))
+            last = row["model"]
+        out.append(("  " + variant_label(row), row))
+    return out
+
+
+def _kind(rows: list[dict[str, Any]], key: str) -> str | None:
+    """The one kind (rss/gpu, cpu/gpu) every measured row shares, or None when they differ."""
+    kinds = {r[key] for r in rows if r["status"] == "ok"}
+    return next(iter(kinds)) if len(kinds) == 1 else None
+
+
+def _mem_column(rows: list[dict[str, Any]]) -> Column:
+    kind = _kind(rows, "mem_kind")
+    head = {"rss": "RSS\nGB", "gpu": "GPU\nGB"}.get(kind or "", "peak\nGB")
+
+    def cell(r: dict[str, Any]) -> str:
+        if r["peak_mem_bytes"] is None:
+            return "n/a"
+        return f"{r['peak_mem_bytes'] / 1e9:.2f}" + ("" if kind else f" {r['mem_kind']}")
+
+    return Column(head, cell, 4)
+
+
+def _util_column(rows: list[dict[str, Any]]) -> Column:
+    kind = _kind(rows, "util_kind")
+    head = {"cpu": "CPU\n%", "gpu": "GPU\n%"}.get(kind or "", "util\n%")
+
+    def cell(r: dict[str, Any]) -> str:
+        if r["util_pct"] is None:
+            return "n/a"
+        return f"{r['util_pct']:.0f}" + ("" if kind else f" {r['util_kind']}")
+
+    return Column(head, cell, 5)
+
+
+def _pred(r: dict[str, Any]) -> str:
+    return fmt(r["pred_efficiency"], ".2f", "") + ("*" if r.get("pred_calibrated") else "")
+
+
+def _range(r: dict[str, Any]) -> str:
+    if r["repeats"] <= 1 or r["eff_min"] is None:
+        return ""
+    return f"{r['eff_min']:.2f}-{r['eff_max']:.2f} ({r['repeats']})"
+
+
+def _status_or(cell: Cell) -> Cell:
+    """``cell`` for an ok row; a failed row shows its status in capitals instead."""
+    return lambda r: cell(r) if r["status"] == "ok" and r["img_per_s"] else r["status"].upper()
+
+
+def _scaling(rows: list[dict[str, Any]]) -> TableSpec:
+    ics = sorted({r["interconnect"] for r in rows if r["interconnect"]})
+    cols = [Column("N", lambda r: str(r["world_size"])),
+            Column("batch", lambda r: fmt(r["global_batch"], "d"), 4),
+            Column("img/s", _status_or(lambda r: rate(r["img_per_s"]))),
+            Column("speedup", lambda r: fmt(r["speedup"], ".2f", ""), 3),
+            Column("eff", lambda r: fmt(r["efficiency"], ".2f", ""))]
+    if any(r["repeats"] > 1 for r in rows):
+        cols.append(Column("eff range\n(repeats)", _range, 5))
+    cols += [Column("pred", _pred, 1), Column("err\npts", lambda r: fmt(r["pred_error_pts"], "+.1f", ""), 2)]
+    caption = ("batch = global batch; eff = img/s(N) x N0 / (N x img/s(N0)), N0 = smallest N of the same model, "
+               "precision, settings and per-worker batch; pred = scaling model (cnnscale/scaling/model.py)"
+               + (f" on {', '.join(ics)}" if ics else "") + "; err = pred - eff in points")
+    if any(r.get("pred_calibrated") for r in rows):
+        caption += ("; pred* = compute time at N taken from the compute_only run (N processes sharing the machine, "
+                    "no all-reduce), the model predicting the communication")
+    if any(r["repeats"] > 1 for r in rows):
+        caption += "; repeated points show the median run, the range over its repeats and their count"
+    return TableSpec("scaling", "scaling", tuple(cols), caption + ".", failed_rows=True)
+
+
+def _resources(rows: list[dict[str, Any]]) -> TableSpec:
+    cols = (Column("N", lambda r: str(r["world_size"])), Column("step\nms", lambda r: _ms(r["step_ms"])),
+            Column("data\n%", lambda r: _pct(r["data_share"]), 3),
+            Column("compute\n%", lambda r: _pct(r["compute_share"]), 2),
+            Column("comm\n%", lambda r: _pct(r["comm_share"])),
+            Column("optim\n%", lambda r: _pct(r["optim_share"]), 3),
+            _mem_column(rows), _util_column(rows), Column("MFU\n%", lambda r: _pct(r["mfu"], 2), 1))
+    caption = ("step ms = median step; data / compute / comm / optim = share of the training time spent waiting for "
+               "data, in forward+backward, in gradient all-reduce not hidden by the backward (measured by the "
+               "no_sync probe), in the optimiser; memory = peak over ranks (RSS on CPU, allocator peak on GPU); "
+               "util = CPU or GPU busy, not efficiency: MFU beside it.")
+    return TableSpec("resources", "resources", cols, caption)
+
+
+def _training(rows: list[dict[str, Any]]) -> TableSpec:
+    cols = (Column("N", lambda r: str(r["world_size"])), Column("steps", lambda r: fmt(r["steps"], ",d"), 2),
+            Column("train\nloss", lambda r: fmt(r["final_loss"], ".3f")),
+            Column("test\nloss", lambda r: fmt(r["test_loss"], ".3f"), 1),
+            Column("test\nacc %", lambda r: _pct(r["test_acc"])))
+    caption = "train loss = last logged training loss; test = the run's final evaluation (n/a: none was made)."
+    return TableSpec("training", "training", cols, caption)
+
+
+def table_specs(rows: list[dict[str, Any]]) -> list[TableSpec]:
+    """The scaling, resources and training tables for ``rows`` (headers depend on what the rows measured)."""
+    return [_scaling(rows), _resources(rows), _training(rows)]
+
+
+def memory_table(runs: list[Run]) -> list[dict[str, Any]]:
+    """Rows of memory per rank by ZeRO stage (only models with a ZeRO run; their DDP runs as the baseline)."""
+    zero = {r.env.model or (r.summary.model if r.summary else None) for r in runs if r.env.zero_stage}
+    if not zero:  # the common case: no record conversion at all (1,000 runs: ~1 s saved)
+        return []
+    rows = memory_rows({"path": r.path, "summary": r.summary.to_dict() if r.summary else {}, "env": r.env.to_dict()}
+                       for r in runs if (r.env.model or (r.summary.model if r.summary else None)) in zero)
+    zero_models = {r["model"] for r in rows if r["zero_stage"]}
+    return [r for r in rows if r["model"] in zero_models]
