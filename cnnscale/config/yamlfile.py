@@ -76,7 +76,11 @@ def _yaml_error(src: str, exc: yaml.YAMLError) -> UserError:
 def load_yaml_text(text: str, src: str) -> Any:
     """Parse YAML ``text`` with the rules of this module; errors name ``src``."""
     try:
-        return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - _SafeLoader is a SafeLoader
+        loader = _SafeLoader(text)  # a SafeLoader subclass: what yaml.safe_load does, with this module's rules
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise _yaml_error(src, exc) from None
     except (ValueError, RecursionError, OverflowError) as exc:  # e.g. an integer of more than 4300 digits

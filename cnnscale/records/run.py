@@ -84,8 +84,11 @@ def _read_config(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, A
     try:
         text = (path / CONFIG).read_text()
         # libyaml's C loader when PyYAML has it; still ~3 ms for a whole resolved config, hence ``keys``
-        cfg = yaml.load(text if keys is None else _sections_text(text, keys),
-                        Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text if keys is None else _sections_text(text, keys))
+        try:
+            cfg = loader.get_single_data()
+        finally:
+            loader.dispose()
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise RecordError(f"{path}: corrupt record ({type(exc).__name__} in {CONFIG})") from None
     if not isinstance(cfg, dict):
