@@ -97,28 +97,28 @@ def _kind(rows: list[dict[str, Any]], key: str) -> str | None:
     return next(iter(kinds)) if len(kinds) == 1 else None
 
 
-def _mem_column(rows: list[dict[str, Any]]) -> Column:
-    kind = _kind(rows, "mem_kind")
-    head = {"rss": "RSS\nGB", "gpu": "GPU\nGB"}.get(kind or "", "peak\nGB")
+def _kind_column(rows: list[dict[str, Any]], key: str, kind_key: str, heads: dict[str, str], other: str, spec: str,
+                 scale: float, width: int) -> Column:
+    """A measured figure whose kind (rss/gpu, cpu/gpu) goes in the header when every row shares it, else beside
+    each value."""
+    kind = _kind(rows, kind_key)
+    head = heads.get(kind or "", other)
 
     def cell(r: dict[str, Any]) -> str:
-        if r["peak_mem_bytes"] is None:
+        if r[key] is None:
             return "n/a"
-        return f"{r['peak_mem_bytes'] / 1e9:.2f}" + ("" if kind else f" {r['mem_kind']}")
+        return f"{r[key] / scale:{spec}}" + ("" if kind else f" {r[kind_key]}")
 
-    return Column(head, cell, 4)
+    return Column(head, cell, width)
+
+
+def _mem_column(rows: list[dict[str, Any]]) -> Column:
+    heads = {"rss": "RSS\nGB", "gpu": "GPU\nGB"}
+    return _kind_column(rows, "peak_mem_bytes", "mem_kind", heads, "peak\nGB", ".2f", 1e9, 4)
 
 
 def _util_column(rows: list[dict[str, Any]]) -> Column:
-    kind = _kind(rows, "util_kind")
-    head = {"cpu": "CPU\n%", "gpu": "GPU\n%"}.get(kind or "", "util\n%")
-
-    def cell(r: dict[str, Any]) -> str:
-        if r["util_pct"] is None:
-            return "n/a"
-        return f"{r['util_pct']:.0f}" + ("" if kind else f" {r['util_kind']}")
-
-    return Column(head, cell, 5)
+    return _kind_column(rows, "util_pct", "util_kind", {"cpu": "CPU\n%", "gpu": "GPU\n%"}, "util\n%", ".0f", 1.0, 5)
 
 
 def _pred(r: dict[str, Any]) -> str:
