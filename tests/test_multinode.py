@@ -38,13 +38,11 @@ def _sh(*cmd: str) -> None:
 
 
 @pytest.fixture
-def netns_pair():
+def netns_pair(skip_or_fail):
     """Namespaces A (10.206.6.1) and B (10.206.6.2) joined by a veth pair; names unique to this test process."""
     reason = _unavailable()
     if reason:
-        if os.environ.get("CNNSCALE_REQUIRE_SLURM") == "1":
-            pytest.fail(f"CNNSCALE_REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
+        skip_or_fail(reason)
     tag = f"cn{os.getpid() % 100000}"
     nodes = [(f"{tag}a", f"{tag}va", "10.206.6.1"), (f"{tag}b", f"{tag}vb", "10.206.6.2")]
     try:

@@ -91,12 +91,10 @@ def _cluster_problem() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> None:
+def cluster(skip_or_fail) -> None:
     problem = _cluster_problem()
     if problem:
-        if os.environ.get("CNNSCALE_REQUIRE_SLURM") == "1":
-            pytest.fail(f"CNNSCALE_REQUIRE_SLURM=1 but {problem}")
-        pytest.skip(problem)
+        skip_or_fail(problem)
 
 
 def _job(job_id: str) -> dict[str, str]:
