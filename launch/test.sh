@@ -6,20 +6,30 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# As root, the Debian packages (the SLURM cluster's, and chromium for the HTML report's browser test,
+# tests/test_html.py) install in the background while pip installs the Python ones: about a minute saved on a fresh
+# machine. Without chromium the browser test skips with the reason, except under CI, where it fails.
+sys_pid=""
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  mkdir -p "$ROOT/.cache"
+  (
+    [ -f slurm/local-cluster.sh ] && bash slurm/local-cluster.sh install netns
+    if ! command -v chromium >/dev/null; then
+      { apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; } \
+        || echo "[test] could not install chromium: tests/test_html.py's browser test will skip (fail under CI)"
+    fi
+  ) >"$ROOT/.cache/system-packages.log" 2>&1 &
+  sys_pid=$!
+fi
 bash launch/setup.sh dev,deepspeed,tensorboard,mlflow,torchao  # the extras tests/test_trackers.py, test_compress.py use
+if [ -n "$sys_pid" ]; then wait "$sys_pid" || true; cat "$ROOT/.cache/system-packages.log" >&2; fi
 export CNNSCALE_CACHE_DIR="${CNNSCALE_CACHE_DIR:-$ROOT/.cache}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$CNNSCALE_CACHE_DIR/torch_extensions}"
 mkdir -p "$TORCH_EXTENSIONS_DIR"
 if [ "${CI:-}" = "true" ]; then export CNNSCALE_REQUIRE_SLURM=1; fi
 if [ "$(id -u)" = 0 ] && [ -f slurm/local-cluster.sh ]; then
   bash slurm/local-cluster.sh start netns || { [ "${CNNSCALE_REQUIRE_SLURM:-0}" = 1 ] && exit 1; }
-fi
-# The HTML report's browser test (tests/test_html.py) needs a headless chromium: as root, install Debian's (about
-# 50 s here with the package lists fresh). Without one the test skips with the reason, except under CI, where it fails.
-if [ "$(id -u)" = 0 ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
-  { apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; } \
-    || echo "[test] could not install chromium: tests/test_html.py's browser test will skip (fail under CI)" >&2
 fi
 .venv/bin/ruff check cnnscale tests launch
 exec .venv/bin/python -m pytest -q -ra --durations=15 "$@"

@@ -5,6 +5,7 @@
 #
 #   bash slurm/local-cluster.sh start [netns|loopback|single]   # default netns; idempotent (re-run only checks)
 #   bash slurm/local-cluster.sh status                           # sinfo + daemons; exit 1 if not up
+#   bash slurm/local-cluster.sh install [netns|loopback|single]  # only the Debian packages (start does it too)
 #   bash slurm/local-cluster.sh stop                             # cancel jobs, stop daemons, remove namespaces
 #
 # Modes:
@@ -426,7 +427,8 @@ cmd_status() {
 [ "$(id -u)" = 0 ] || die "must run as root"
 case "$ACTION" in
   start)  cmd_start ;;
+  install) install -d -m 0755 "$RUN"; install_packages ;;
   stop)   cmd_stop ;;
   status) cmd_status ;;
-  *) echo "usage: $0 start [netns|loopback|single] | stop | status" >&2; exit 2 ;;
+  *) echo "usage: $0 start [netns|loopback|single] | install [MODE] | stop | status" >&2; exit 2 ;;
 esac

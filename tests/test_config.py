@@ -60,7 +60,7 @@ INVALID: dict[str, tuple[Any, Any]] = {
 }
 # a value of the wrong type for each kind of annotation, through YAML
 WRONG_TYPE = {"int": "lots", "float": "fast", "bool": "maybe", "str": [1, 2], "tuple[float, ...]": ["a"],
-              "float | None": "wide", "tuple[str, ...]": [[1]]}
+              "float | None": "wide", "tuple[str, ...]": [[1]], "int | None": "lots", "bool | None": "maybe"}
 
 
 def _split(dest: str) -> tuple[str, str]:

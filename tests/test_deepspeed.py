@@ -187,3 +187,30 @@ def test_shipped_configs_leave_batch_and_precision_to_cnnscale(name: str) -> Non
     yaml_text = (REPO / f"launch/accelerate/deepspeed_{name[3:-5]}.yaml").read_text()
     assert f"deepspeed_config_file: launch/accelerate/{name}" in yaml_text
     assert "\nmixed_precision" not in yaml_text and "gradient_accumulation_steps:" not in yaml_text
+
+
+def test_a_ddp_run_never_imports_deepspeed(tmp_path: Path) -> None:
+    """A run that does not use DeepSpeed does not import it (2-3 s of CPU per process on this box; and imported after
+    the process group started it kept gloo threads alive at exit). Every import is logged (PYTHONPROFILEIMPORTTIME):
+    none of the two ranks' imports is deepspeed, and the run still trains on world size 2."""
+    out = tmp_path / "ddp"
+    cmd = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", "127.0.0.1:31950", str(REPO / "launch" / "train.py"), *LEARN, "--max-steps", "2",
+           "--out", str(out)]
+    proc = run(cmd, timeout=300, env=cpu_env(PYTHONPROFILEIMPORTTIME="1"))
+    imports = [ln for ln in proc.stderr.splitlines() if ln.startswith("import time:")]
+    assert sum(ln.rstrip().endswith("| cnnscale.train.loop") for ln in imports) == 2, proc.stderr[-2000:]
+    assert not [ln for ln in imports if ln.rstrip().rsplit("|", 1)[-1].strip().split(".")[0] == "deepspeed"]
+    assert read_json(out / "env.json")["world_size"] == 2
+    assert read_json(out / "summary.json")["status"] == "ok"
+
+
+def test_unwrap_model_strips_data_parallel_without_importing_deepspeed() -> None:
+    from torch import nn
+
+    from cnnscale.train.build import unwrap_model
+
+    model = create_model("lenet5")
+    acc = SimpleNamespace(unwrap_model=lambda m: pytest.fail("accelerate's unwrap_model imports deepspeed"))
+    assert unwrap_model(acc, model) is model
+    assert unwrap_model(acc, nn.DataParallel(model)) is model

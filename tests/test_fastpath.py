@@ -84,7 +84,8 @@ def test_fast_path_defaults_recorded_off(tmp_path: Path) -> None:
     env = read_json(out / "env.json")
     assert env["fast_path"] == {"channels_last": False, "compile": False, "compile_mode": "default",
                                 "cudnn_benchmark": True, "tf32": True}
-    assert env["mixed_precision"] == "no" and env["loader"] == "torch" and env["zero_stage"] is None
+    assert env["mixed_precision"] == "no" and env["zero_stage"] is None
+    assert env["loader"] == "device" and env["loader_reason"].startswith("auto: device, the decoded set (76 images")
 
 
 def test_gpu_switches_are_applied_on_a_cuda_device() -> None:

@@ -24,8 +24,9 @@ import pytest
 import torch
 
 from cnnscale.records import io as records
-from cnnscale.records.run import load_run
+from cnnscale.records.run import liveness, load_run
 from cnnscale.train.checkpoint import TRAINER_STATE, latest_checkpoint
+from cnnscale.train.rundir import RESERVE_BYTES
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -102,11 +103,13 @@ def crash_after_checkpoint(cmd: list[str], run_dir: Path) -> int:
     p = start(cmd)
     try:
         wait_for(lambda: latest_checkpoint(run_dir) is not None, p, what="the first checkpoint")
+        alive = liveness(run_dir)
     finally:
         kill_tree(p)
     assert p.returncode == -signal.SIGKILL
     summary = json.loads((run_dir / records.SUMMARY).read_text())
     assert summary["status"] == "running"  # it really died mid-run
+    assert (alive, liveness(run_dir)) == ("running", "dead")  # issue 15.3: the lock tells a dead run from a live one
     return json.loads((latest_checkpoint(run_dir) / TRAINER_STATE).read_text())["step"]
 
 
@@ -149,6 +152,7 @@ def jpeg_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]
     """Augmented ImageFolder run args and an uninterrupted reference run (num_workers 0)."""
     root = make_jpeg_folder(tmp_path_factory.mktemp("jpeg") / "data")
     args = ["--model", "lenet5", "--data", "imagefolder", "--data-dir", str(root), "--data.augment", "true",
+            "--loader", "torch",  # the DataLoader's workers are what this resume test is about (auto would pick device)
             "--micro-batch", "8", "--max-steps", "120", "--data.val_size", "0", "--train.progress", "none",
             "--profile.enabled", "false", "--train.eval_every_epoch", "false", "--train.ckpt_every", "5",
             "--train.keep_ckpts", "100"]
@@ -425,14 +429,20 @@ def test_disk_full_stops_with_one_line_and_keeps_last_checkpoint(small_tmpfs: Pa
     load_file(last / "model.safetensors")
     for f in (*last.glob("*.bin"), *last.glob("*.pkl")):
         load(f, weights_only=True)
+    summary = json.loads((run / records.SUMMARY).read_text())  # issue 15.3: the status ends true
+    assert summary["status"] == "failed" and summary["error"] == lines[0].split("error: ", 1)[1], summary
 
 
 def test_disk_full_while_writing_records(small_tmpfs: Path) -> None:
-    """Only 12 KB free: config/env/summary fit, the first metrics line does not."""
+    """The reserve (1 MiB, released for the final status) and 12 KB more free: the records of the start do not all
+    fit, the run ends "failed" with the reason all the same (issue 15.3)."""
     free = shutil.disk_usage(small_tmpfs).free
-    (small_tmpfs / "ballast").write_bytes(b"\0" * (free - 12 * 1024))
+    (small_tmpfs / "ballast").write_bytes(b"\0" * (free - RESERVE_BYTES - 12 * 1024))
     r = train([*LENET, "--max-steps", "50", "--train.log_every", "1", "--out", str(small_tmpfs / "run")])
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2, r.stderr[-3000:]
     assert lines == [f"train.py: error: disk full: could not write the run directory ({small_tmpfs / 'run'}): "
                      "No space left on device"], r.stderr[-3000:]
+    summary = json.loads((small_tmpfs / "run" / records.SUMMARY).read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("disk full: could not write"), summary
+    assert liveness(small_tmpfs / "run") == "failed"

@@ -92,23 +92,27 @@ def test_empty_files_are_found_before_training_and_skipping_counts_them(tmp_path
     assert any("empty.png: empty file (0 bytes)" in b for b in splits.bad)
 
 
-def test_the_decode_cache_never_holds_a_half_decoded_set(tmp_path: Path) -> None:
+def test_the_decode_cache_never_holds_a_half_decoded_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CNNSCALE_CACHE_DIR", str(tmp_path / "cache"))
     tree = make_tree(tmp_path / "if", truncated=True)
     strict = DataConfig(name="imagefolder", data_dir=str(tree), loader="device")
     skipping = DataConfig(name="imagefolder", data_dir=str(tree), loader="device", skip_bad_images=True)
     with pytest.raises(ImageError, match=r"bad\.jpg: image file is truncated"):
         _cached_decode(strict, "train")
-    assert not list(tree.glob(".cnnscale-*")), "a failed decode left a cache file"
+    decoded = tmp_path / "cache" / "decoded"
+    assert not [p for p in decoded.iterdir() if p.is_dir()], "a failed decode left a cache entry"
     arr = _cached_decode(skipping, "train")
-    assert (len(arr), arr.classes, len(arr.bad)) == (15, 2, 1)
-    caches = list(tree.glob(".cnnscale-train-*.pt"))
+    assert (len(arr), arr.classes, len(arr.bad), arr.cache) == (15, 2, 1, "built")
+    caches = [p for p in decoded.glob("if-*-train-*") if p.is_dir()]
     assert len(caches) == 1
     with pytest.raises(ImageError, match=r"bad\.jpg: image file is truncated"):  # the cache serves skipping runs only
         _cached_decode(strict, "train")
     again = _cached_decode(skipping, "train")  # from the cache: same images, same count of bad files
-    assert torch.equal(again.x, arr.x) and again.bad == arr.bad
-    caches[0].write_bytes(caches[0].read_bytes()[:100])  # torn: rebuilt, not trusted
-    assert torch.equal(_cached_decode(skipping, "train").x, arr.x)
+    assert torch.equal(again.x, arr.x) and again.bad == arr.bad and again.cache == "hit"
+    meta = caches[0] / "meta.json"
+    meta.write_bytes(meta.read_bytes()[:10])  # torn: rebuilt, not trusted
+    rebuilt = _cached_decode(skipping, "train")
+    assert torch.equal(rebuilt.x, arr.x) and rebuilt.cache == "built"
     _noise(5).save(tree / "train" / "cat" / "bad.jpg", format="JPEG")  # repaired: a new key, decoded afresh
     fixed = _cached_decode(strict, "train")
     assert len(fixed) == 16 and fixed.bad == ()
@@ -116,11 +120,13 @@ def test_the_decode_cache_never_holds_a_half_decoded_set(tmp_path: Path) -> None
 
 def test_the_data_decides_the_class_count() -> None:
     with pytest.raises(UserError, match=r"^model\.num_classes is 100 but the cifar10 data has 10 classes: leave "
-                                        r"model\.num_classes at its default or set it to 10; a larger head needs "
-                                        r"model\.larger_head true$"):
+                                        r"model\.num_classes unset \(it follows the data\) or set it to 10; a larger "
+                                        r"head needs model\.larger_head true$"):
         head_classes(ModelConfig(num_classes=100), "cifar10", 10)
     assert head_classes(ModelConfig(num_classes=100, larger_head=True), "cifar10", 10) == 100
     assert head_classes(ModelConfig(), "imagefolder", 5) == 5  # the default follows the data
+    with pytest.raises(UserError, match=r"model\.num_classes is 10 but the imagefolder data has 5 classes"):
+        head_classes(ModelConfig(num_classes=10), "imagefolder", 5)  # 10 given explicitly is not the default
     assert head_classes(ModelConfig(num_classes=5), "imagefolder", 5) == 5
     with pytest.raises(UserError, match=r"model\.num_classes is 7 but the imagefolder data has 5 classes"):
         head_classes(ModelConfig(num_classes=7), "imagefolder", 5)
@@ -142,7 +148,8 @@ def _train(tree: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     argv = [sys.executable, TRAIN, "--model", "lenet5", "--data", "imagefolder", "--data-dir", str(tree),
             "--max-steps", "2", "--micro-batch", "8", "--data.val_size", "0", "--train.progress", "none",
             "--profile.enabled", "false", "--out", str(out), *extra]
-    return subprocess.run(argv, cwd=out.parent, env=ENV, capture_output=True, text=True, timeout=300)
+    env = {**ENV, "CNNSCALE_CACHE_DIR": str(out.parent / "cache")}  # the decode cache of these trees, not the user's
+    return subprocess.run(argv, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -152,11 +159,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subprocess
     empty = make_tree(tmp / "empty", empty=True)
     both = make_tree(tmp / "both", truncated=True, empty=True)
     cases = {  # name -> (tree, extra flags)
-        "torch-truncated": (truncated, ["--data.num_workers", "1"]),
+        "torch-truncated": (truncated, ["--loader", "torch", "--data.num_workers", "1"]),
         "device-truncated": (truncated, ["--loader", "device"]),
-        "torch-empty": (empty, ["--data.num_workers", "0"]),
+        "torch-empty": (empty, ["--loader", "torch", "--data.num_workers", "0"]),
         "device-empty": (empty, ["--loader", "device"]),
-        "torch-skip": (both, ["--data.num_workers", "0", "--data.skip_bad_images", "true"]),
+        "torch-skip": (both, ["--loader", "torch", "--data.num_workers", "0", "--data.skip_bad_images", "true"]),
         "device-skip": (both, ["--loader", "device", "--data.skip_bad_images", "true"]),
     }
     with ThreadPoolExecutor(max_workers=2) as pool:

@@ -77,7 +77,7 @@ def test_guard_sets_flag_and_restores_handlers():
 @pytest.mark.parametrize(("summary", "code"), [
     ({"status": "ok"}, 0), ({"status": "preempted", "signal": "SIGINT"}, 130),
     ({"status": "preempted", "signal": "SIGUSR1"}, 75), ({"status": "preempted", "signal": "SIGTERM"}, 75),
-    ({"status": "failed"}, 1)])
+    ({"status": "failed"}, 1), ({"status": "diverged"}, preempt.EXIT_DIVERGED)])
 def test_exit_codes(summary, code):
     assert preempt.exit_code(summary) == code
 

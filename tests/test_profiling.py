@@ -243,6 +243,10 @@ def test_sync_probe_measures_sync_without_changing_two_rank_training(tmp_path: P
     s = json.loads((tmp_path / "probe" / "summary.json").read_text())
     assert s["world_size"] == 2
     assert s["sync_s"] is not None and s["sync_s"] >= 0 and 0 <= s["sync_share"] < 1
+    # communication timed in DDP's hook (registered by build_accelerator's handler); the probe is the cross-check
+    assert s["comm_timed_hook"] == "allreduce" and s["comm_buckets_per_step"] >= 1
+    assert s["comm_exposed_s"] > 0 and s["sync_s"] == s["comm_exposed_s"] and s["sync_probe_s"] is not None
     assert s["peak_rss_bytes"] > 0 and s["gpu_util_pct_mean"] is None
     env = json.loads((tmp_path / "probe" / "env.json").read_text())
     assert env["sync_measured"] is True and env["sync_probe_every"] == 1
+    assert env["comm_timing"] == "ddp comm hook (allreduce)"

@@ -281,6 +281,7 @@ def _repeat(runs: Path, name: str, repeat: int, img_per_s: float) -> None:
 
 
 def test_repeated_points_show_the_median_and_the_range_of_their_efficiency(tmp_path):
+    # issue 13.1 changed this: one row per point, every figure the median over its repeats with its min..max
     runs = tmp_path / "runs"
     shutil.copytree(REPO / QUICKSTART, runs)
     _repeat(runs, "resnet18-ws2-no-mb16", 1, 40.0)
@@ -288,14 +289,17 @@ def test_repeated_points_show_the_median_and_the_range_of_their_efficiency(tmp_p
     recs, _ = load_records([runs])
     rows = aggregate(recs, find_fits([runs], recs))
     rep = [r for r in rows if r["model"] == "resnet18" and r["world_size"] == 2 and r["settings"] == "default"]
-    effs = sorted(ips / (2 * 27.0) for ips in (44.5, 40.0, 47.0))
-    assert len(rep) == 3 and {r["repeats"] for r in rep} == {3}
-    assert rep[0]["eff_min"] == pytest.approx(effs[0]) and rep[0]["eff_max"] == pytest.approx(effs[2])
+    effs = sorted(ips / (2 * 27.0) for ips in (44.5, 40.0, 47.0))  # N=1 ran once: each repeat against it
+    assert len(rep) == 1 and rep[0]["repeats"] == 3 and rep[0]["interval"] == "min-max"
+    got = [rep[0][k] for k in ("efficiency", "efficiency_lo", "efficiency_hi")]
+    assert got == pytest.approx([effs[1], effs[0], effs[2]])
+    assert (rep[0]["img_per_s"], rep[0]["img_per_s_lo"], rep[0]["img_per_s_hi"]) == (44.5, 40.0, 47.0)
     console = Console(record=True, width=100, file=io.StringIO(), color_system=None)
     render(rows, console, [])
     text = console.export_text()
-    assert re.search(rf"default\s+2\s+32\s+44\.5\s.*{effs[1]:.2f}\s+{effs[0]:.2f}-{effs[2]:.2f} \(3\)", text)
-    assert text.count("44.5") == 1 and "40.0 " not in text  # one line per point: the median run
+    assert re.search(rf"default\s+2\s+32\s+44\.5\s+40\.0\.\.47\.0\s+.*{effs[1]:.2f}\s+{effs[0]:.2f}\.\.{effs[2]:.2f}"
+                     rf"\s+3\s", text)
+    assert text.count("44.5") == 1  # one line per point
 
 
 def test_report_files_get_the_users_umask_not_0600(tmp_path):

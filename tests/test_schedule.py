@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cnnscale.config import OptimConfig, SchedConfig
-from cnnscale.train.schedule import build_optimizer, build_scheduler
+from cnnscale.train.schedule import build_optimizer, build_scheduler, resume_scheduler
 
 LR = 0.1
 SPE = 10  # optimiser steps per epoch
@@ -142,3 +142,59 @@ def test_plateau_decays_after_patience_epochs_without_improvement() -> None:
     # best 0.9 after epoch 2; epochs 3, 4 do not improve (2 > p=1): decay at epoch 4; the count restarts, so
     # epoch 5 (1 bad) keeps it; 0.8 improves; epochs 7, 8 bad: decay again at epoch 8. Warm-up does not apply.
     assert seen == pytest.approx([LR, LR, LR, LR / 2, LR / 2, LR / 2, LR / 2, LR / 4])
+
+
+# ------------------------------------------------------------------------------------------------ resume (15.1)
+def _resumed_lrs(sched: SchedConfig, first_total: int, stop: int, new_total: int, until: int,
+                 optim: OptimConfig | None = None) -> tuple[list[float], list[float]]:
+    """A run of ``first_total`` steps stopped at ``stop``, its optimiser and scheduler state saved and loaded into a
+    freshly built pair (as a resume does), extended to ``new_total`` with resume_scheduler: the LRs of steps 1..stop
+    of the first run and of steps stop+1..until of the resumed one."""
+    optim = optim or OptimConfig(name="sgd", lr=LR, momentum=0.0, weight_decay=0.0)
+    model = torch.nn.Linear(2, 1)
+    opt = build_optimizer(optim, model)
+    s = build_scheduler(sched, opt, SPE, first_total)
+    before = []
+    for _ in range(stop):
+        opt.step()
+        s.step()
+        before.append(opt.param_groups[0]["lr"])
+    saved_opt, saved_s = opt.state_dict(), s.state_dict()
+    opt2 = build_optimizer(optim, model)
+    s2 = build_scheduler(sched, opt2, SPE, new_total)  # built at start-up, before the checkpoint is loaded
+    opt2.load_state_dict(saved_opt)
+    s2.load_state_dict(saved_s)
+    resume_scheduler(s2, sched, opt2, SPE, new_total, stop)
+    after = []
+    for _ in range(stop, until):
+        opt2.step()
+        s2.step()
+        after.append(opt2.param_groups[0]["lr"])
+    return before, after
+
+
+def test_extending_a_cosine_run_follows_the_new_length_from_the_resume_step() -> None:
+    """The documented rule: steps done keep their LRs; from the resume step on, the LR a run of the new length has
+    at that step. A 10-step cosine extended to 20 at step 10: steps 11..20 = cosine over 20 steps (never back up)."""
+    before, after = _resumed_lrs(SchedConfig(name="cosine"), 10, 10, 20, 20)
+    assert before == pytest.approx([_cos(LR, 0.0, k / 10) for k in range(1, 11)])
+    assert after == pytest.approx([_cos(LR, 0.0, k / 20) for k in range(11, 21)])
+    assert all(a >= b for a, b in zip(after, after[1:], strict=False)) and after[-1] == pytest.approx(0.0)
+
+
+def test_resume_without_extending_is_the_uninterrupted_schedule() -> None:
+    """Same length: the rebuilt schedule equals the saved one exactly (warm-up and cosine, stopped mid-warm-up)."""
+    sched = SchedConfig(name="cosine", warmup_epochs=0.5, warmup_start_factor=0.1)
+    _, after = _resumed_lrs(sched, 40, 3, 40, 40)
+    assert after == _lrs_list(sched, 40, range(4, 41))
+
+
+def test_resumed_onecycle_keeps_its_peak_lr() -> None:
+    """OneCycleLR's peak is the configured LR, not the warm-up start LR the optimiser holds at the checkpoint."""
+    _, after = _resumed_lrs(SchedConfig(name="onecycle"), 30, 6, 30, 30)
+    assert after == _lrs_list(SchedConfig(name="onecycle"), 30, range(7, 31))
+    assert max(after) > 0.9 * LR
+
+
+def _lrs_list(sched: SchedConfig, total: int, steps: range) -> list[float]:
+    return _lrs(sched, total, list(steps))

@@ -34,7 +34,12 @@ def _parser() -> CommandParser:
     p.add_argument("--ratios", default="all", choices=RATIOS, help="which side-by-side ratios to measure")
     p.add_argument("--overhead-models", default=",".join(OVERHEAD_GOAL_MODELS),
                    help="models for the overhead ratio, among --models (default: those with a goal)")
-    p.add_argument("--rounds", type=int, default=5, help="alternations of the two sides of each ratio")
+    p.add_argument("--rounds", default="5", help="alternations of the two sides of each ratio, or auto: until the "
+                   "95%% interval's half-width is under 2%% of the ratio or --budget-s is spent")
+    p.add_argument("--budget-s", type=float, gt=0, cap=86400, default=300.0,
+                   help="time budget per ratio under --rounds auto")
+    p.add_argument("--remeasure-peak", action="store_true", help="measure the CPU matmul peak for MFU again and "
+                   "refresh this host's cached value (CNNSCALE_CACHE_DIR) before measuring")
     p.add_argument("--data-batches", type=int, default=100, help="batches per side per round, data-path ratio")
     p.add_argument("--e2e-steps", type=int, default=100, help="steps per side per round, end-to-end ratio")
     p.add_argument("--data-dir", default="", help="ImageFolder root with train/ and test/ (the real images)")
@@ -50,7 +55,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = [m for m in args.model_list if m not in list_models()]
     if unknown:
         raise UserError(f"unknown model {unknown[0]!r} (choose from: {', '.join(sorted(list_models()))})")
-    for name in ("steps", "micro_batch", "rounds", "data_batches", "e2e_steps"):
+    if args.rounds != "auto":
+        try:
+            args.rounds = int(args.rounds)
+        except ValueError:
+            raise UserError(f"--rounds must be a whole number >= 1 or auto, got {args.rounds!r}") from None
+    for name in ("steps", "micro_batch", "data_batches", "e2e_steps") + (("rounds",) if args.rounds != "auto" else ()):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0 or args.threads < 0 or args.workers < 0:

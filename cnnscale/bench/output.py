@@ -51,24 +51,45 @@ def print_table(rows: list[dict[str, Any]], device: torch.device) -> None:
                   _fmt(r["achieved_tflops"], ".4f"), _fmt(r["mfu"], ".1f", 100))
     _console().print(t)
     if rows:
-        print(f"peak for MFU: {_fmt(rows[0]['peak_tflops'], '.4g')} TFLOP/s ({rows[0]['peak_source'] or 'n/a'})")
+        print(f"peak for MFU: {_fmt(rows[0]['peak_tflops'], '.4g')} TFLOP/s ({rows[0]['peak_source'] or 'n/a'}"
+              f"{_cache_note(rows[0])})")
+
+
+def _cache_note(row: dict[str, Any]) -> str:
+    """``; cache hit, measured 3.2 min ago`` for a CPU peak from the host cache; empty for a table or config peak."""
+    status, age = row.get("peak_cache"), row.get("peak_age_s")
+    if status is None:
+        return ""
+    return f"; cache {status}" + (f", measured {age / 60:.1f} min ago" if status == "hit" and age is not None else "")
 
 
 def print_ratios(ratios: dict[str, Any]) -> None:
     """One row per ratio with its goal and PASS/MISS (``-`` where it has no goal); nothing when none was measured."""
     if not ratios:
         return
-    t = Table(title="ratios (median of per-round ratios, sides alternated)")
-    for col in ("ratio", "ours img/s", "theirs img/s", "ratio", "goal", "result"):
+    t = Table(title="ratios: median of per-round ratios (sides alternated, so the machine's load falls on both), "
+              "interval: min-max below 5 rounds, bootstrap 95% from 5")
+    for col in ("ratio", "ours img/s", "theirs img/s", "median", "interval", "± %", "rounds", "goal", "result"):
         t.add_column(col, justify="left" if col == "ratio" else "right")
     items = [(f"overhead {m}", r) for m, r in ratios.get("overhead", {}).items()]
     items += [(k, ratios[k]) for k in ("data", "e2e") if k in ratios]
     for label, r in items:
         goal = r["goal"]
-        verdict = "-" if goal is None else ("PASS" if r["ratio"] >= goal else "MISS")
+        verdict = "-" if goal is None else _verdict(r, goal)
+        kind = {"bootstrap95": "95%", "min-max": "min-max", "single": "none"}.get(r.get("interval"), "?")
         t.add_row(label, _fmt(r["ours_img_per_s"]), _fmt(r["theirs_img_per_s"]), f"{r['ratio']:.3f}",
-                  "-" if goal is None else f">= {goal:g}", verdict)
+                  f"[{r['lo']:.3f}, {r['hi']:.3f}] {kind}", _fmt(r.get("half_width"), ".1f", 100),
+                  f"{r['rounds']} ({r.get('stopped_by', 'rounds')})", "-" if goal is None else f">= {goal:g}", verdict)
     _console().print(t)
+    if any(r["goal"] is not None and not (r["lo"] >= r["goal"] or r["hi"] < r["goal"]) for _, r in items):
+        print("?: the interval straddles the goal (the median decides; more rounds or a quieter machine settle it)")
+
+
+def _verdict(r: dict[str, Any], goal: float) -> str:
+    """PASS / MISS when the whole interval is on one side of the goal; PASS? / MISS? (the median's side) when not."""
+    if r["lo"] >= goal or r["hi"] < goal:
+        return "PASS" if r["lo"] >= goal else "MISS"
+    return "PASS?" if r["ratio"] >= goal else "MISS?"
 
 
 def results_doc(args: argparse.Namespace, device: torch.device, rows: list[dict[str, Any]],

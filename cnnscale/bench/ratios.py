@@ -1,5 +1,10 @@
-"""The side-by-side ratios of ``cnnscale bench``, each measured with its two sides alternated ``--rounds`` times
-(the order flipped every round; the ratio is the median of the per-round ratios, since this machine is noisy):
+"""The side-by-side ratios of ``cnnscale bench``, each measured with its two sides alternated round by round (the
+order flipped every round). Each ratio is the median of the per-round ratios with its interval, by the one rule of
+:mod:`cnnscale.records.stats` (min-max below 5 rounds, a bootstrap 95% interval from 5 on), and the number of
+rounds. A loaded machine (other jobs on the cores) slows both sides of a round alike, so the per-round ratio is
+fair where a ratio of two separately measured rates is not. ``--rounds auto`` alternates until the interval's
+half-width is under :data:`AUTO_HALF_WIDTH` of the median (at least :data:`AUTO_MIN_ROUNDS` rounds) or the ratio's
+``--budget-s`` is spent.
 
 1. overhead: the full cnnscale step against a bare PyTorch loop, same model, batch, threads and batches;
 2. data: the device-resident loader against torchvision's DataLoader with PIL transforms, loader alone, real images;
@@ -10,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 from statistics import median
 from typing import Any
@@ -22,23 +28,51 @@ from cnnscale.config import Config
 from cnnscale.data.datasets import build_datasets, build_loaders
 from cnnscale.data.device import build_device_loaders
 from cnnscale.models import create_model
+from cnnscale.records.stats import BOOTSTRAP_FROM, ratio_interval
 
-__all__ = ["measure_ratio", "overhead_ratio", "real_image_ratios"]
+__all__ = ["measure_ratio", "overhead_ratio", "real_image_ratios", "AUTO_HALF_WIDTH", "AUTO_MIN_ROUNDS",
+           "AUTO_MAX_ROUNDS"]
+
+AUTO_HALF_WIDTH = 0.02
+"""``--rounds auto`` stops once the interval's half-width is under this share of the median ratio."""
+AUTO_MIN_ROUNDS = BOOTSTRAP_FROM
+"""``--rounds auto`` runs at least this many rounds (the bootstrap interval starts there)."""
+AUTO_MAX_ROUNDS = 200
 
 
-def measure_ratio(ours: Callable[[], float], theirs: Callable[[], float], rounds: int) -> dict[str, Any]:
-    """Alternate the two sides (order flipped every round); the ratio is the median of per-round ratios."""
-    a, b = [], []
-    for r in range(rounds):
-        if r % 2:
+def _half_width(lo: float, hi: float, mid: float) -> float:
+    return (hi - lo) / 2 / abs(mid) if mid else float("inf")
+
+
+def measure_ratio(ours: Callable[[], float], theirs: Callable[[], float], rounds: int | str,
+                  budget_s: float = 0.0, clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+    """Alternate the two sides (order flipped every round) for ``rounds`` rounds, or with ``"auto"`` until the
+    half-width is under :data:`AUTO_HALF_WIDTH` or ``budget_s`` (> 0) is spent. The ratio is the median of the
+    per-round ratios; ``lo``/``hi`` its interval (``interval``: its kind), ``half_width`` relative to it."""
+    auto = rounds == "auto"
+    limit = AUTO_MAX_ROUNDS if auto else int(rounds)
+    a: list[float] = []
+    b: list[float] = []
+    t0, stop = clock(), "rounds"
+    while len(a) < limit:
+        if len(a) % 2:
             b.append(theirs())
             a.append(ours())
         else:
             a.append(ours())
             b.append(theirs())
+        iv = ratio_interval(a, b)
+        if auto and len(a) >= AUTO_MIN_ROUNDS and _half_width(iv.lo, iv.hi, iv.median) < AUTO_HALF_WIDTH:
+            stop = "half-width"
+            break
+        if auto and budget_s > 0 and clock() - t0 >= budget_s:
+            stop = "budget"
+            break
     ratios = [x / y for x, y in zip(a, b)]
-    return {"ours_img_per_s": median(a), "theirs_img_per_s": median(b), "ratio": median(ratios),
-            "ratios": ratios, "rounds": rounds}
+    iv = ratio_interval(a, b)
+    return {"ours_img_per_s": median(a), "theirs_img_per_s": median(b), "ratio": iv.median, "lo": iv.lo,
+            "hi": iv.hi, "interval": iv.kind, "half_width": _half_width(iv.lo, iv.hi, iv.median),
+            "ratios": ratios, "rounds": len(a), "stopped_by": stop, "seconds": clock() - t0}
 
 
 def _profiled(setup: BenchSetup, batches: Any, steps: int, images: int) -> Callable[[], float]:
@@ -59,7 +93,7 @@ def overhead_ratio(args: argparse.Namespace, setup: BenchSetup) -> dict[str, Any
     setup.bare_train(batches, args.warmup or 1)
     n, imgs = args.steps, args.steps * args.micro_batch
     res = measure_ratio(_profiled(setup, batches, n, imgs),
-                        lambda: timed(dev, lambda: setup.bare_train(batches, n), imgs), args.rounds)
+                        lambda: timed(dev, lambda: setup.bare_train(batches, n), imgs), args.rounds, args.budget_s)
     goal = GOALS["overhead"] if setup.cfg.model.name in OVERHEAD_GOAL_MODELS else None
     return {**res, "goal": goal, "command_side": "cnnscale train_step + profiler", "other_side": "bare loop"}
 
@@ -112,7 +146,8 @@ def _e2e_ratio(args: argparse.Namespace, acc: Any, dcfg: Config, device_train: A
     seed = _seed_step(seed_model, seed_opt, torch.nn.CrossEntropyLoss(), [0.0])
     setup.train(device_train, max(args.warmup, 1), setup.profiler())
     ours = _profiled(setup, device_train, args.e2e_steps, args.e2e_steps * args.micro_batch)
-    res = measure_ratio(ours, lambda: _take_batches(torch_train, args.e2e_steps, warm, seed), args.rounds)
+    res = measure_ratio(ours, lambda: _take_batches(torch_train, args.e2e_steps, warm, seed), args.rounds,
+                        args.budget_s)
     return {**res, "goal": GOALS["e2e"], "command_side": "cnnscale, device loader, profiler on",
             "other_side": f"seed loop: DataLoader {args.workers} workers, .item() every step"}
 
@@ -126,7 +161,8 @@ def real_image_ratios(args: argparse.Namespace, acc: Any) -> dict[str, Any]:
     warm = 2 + 2 * args.workers
     if args.ratios in ("data", "all"):
         out["data"] = {**measure_ratio(lambda: _take_batches(device_train, args.data_batches, 2),
-                                       lambda: _take_batches(torch_train, args.data_batches, warm), args.rounds),
+                                       lambda: _take_batches(torch_train, args.data_batches, warm), args.rounds,
+                                       args.budget_s),
                        "goal": GOALS["data"], "command_side": "device loader",
                        "other_side": f"DataLoader + PIL transforms, {args.workers} workers"}
     if args.ratios in ("e2e", "all"):

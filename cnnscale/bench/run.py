@@ -20,6 +20,7 @@ from cnnscale.bench.harness import BenchSetup, bench_model
 from cnnscale.bench.options import bench_config, parse_args
 from cnnscale.bench.output import print_ratios, print_table, results_doc
 from cnnscale.bench.ratios import overhead_ratio, real_image_ratios
+from cnnscale.profile.mfu import compute_dtype, cpu_peak
 from cnnscale.records.io import write_json
 from cnnscale.train.build import build_accelerator
 
@@ -31,12 +32,24 @@ def _overhead(args: argparse.Namespace, setups: dict[str, BenchSetup]) -> dict[s
     return {m: overhead_ratio(args, setups[m]) for m in chosen}
 
 
+def _remeasure_peak(args: argparse.Namespace, device: torch.device) -> None:
+    """``--remeasure-peak``: refresh this host's cached CPU peak at the bench's thread count (a GPU's is a table)."""
+    if device.type != "cpu":
+        print(f"--remeasure-peak: the {device.type} peak comes from the data-sheet table; nothing to measure")
+        return
+    dtype = compute_dtype(args.mixed_precision, "cpu", True)
+    tflops, status, _ = cpu_peak(dtype, refresh=True)
+    print(f"CPU peak {status}: {tflops:.4g} TFLOP/s ({dtype}, threads={torch.get_num_threads()}), cached")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``cnnscale bench [--models a,b] [--steps N] [--ratios ...] [--json FILE]``; ``--help`` lists every flag."""
     args = parse_args(list(argv or []))
     if args.threads:
         torch.set_num_threads(args.threads)
     acc = build_accelerator(bench_config(args, args.model_list[0]))
+    if args.remeasure_peak:
+        _remeasure_peak(args, acc.device)
     rows, ratios, setups = [], {}, {}
     for name in args.model_list:
         row, setups[name] = bench_model(args, acc, name)

@@ -34,7 +34,8 @@ from cnnscale.models import create_model
 from cnnscale.train.checkpoint import latest_checkpoint
 
 __all__ = [
-    "load_run_config", "load_run_model", "model_weights_path", "clean_state_dict", "run_overrides", "command_parser",
+    "load_run_config", "load_run_model", "model_weights_path", "clean_state_dict", "run_overrides", "check_out",
+    "command_parser",
     "eval_accuracy", "eval_loader", "save_weights", "WEIGHTS",
 ]
 
@@ -103,14 +104,24 @@ def load_run_model(run_dir: str | Path, role: str = "source") -> tuple[nn.Module
 
 
 def run_overrides(run_cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """A run's saved config as ``load_config`` overrides, keeping only sections and keys this version knows."""
+    """A run's saved config as ``load_config`` overrides, keeping only sections and keys this version knows; never
+    the run's own ``train.out`` / ``train.resume`` (a command reading a run writes elsewhere)."""
     out = {}
     for f in dataclasses.fields(Config):
-        known = {g.name for g in dataclasses.fields(type(getattr(Config(), f.name)))}
+        known = {g.name for g in dataclasses.fields(type(getattr(Config(), f.name)))} - {"out", "resume"}
         vals = run_cfg.get(f.name)
         if isinstance(vals, dict):
             out[f.name] = {k: v for k, v in vals.items() if k in known}
     return out
+
+
+def check_out(out: str | Path, source: str | Path, command: str) -> None:
+    """distill, prune and quantize never write into their source run: ``out`` equal to ``source`` or inside it is a
+    one-line UserError (before anything is read or written)."""
+    o, s = Path(out).resolve(), Path(source).resolve()
+    if o == s or o.is_relative_to(s):
+        raise UserError(f"cnnscale {command}: --out {out} is inside the source run {source}; {command} never writes "
+                        f"into its source: choose another --out (default: beside it)")
 
 
 def save_weights(model: nn.Module, path: str | Path) -> Path:

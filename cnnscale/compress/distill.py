@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnscale.compress.common import command_parser, load_run_model, run_overrides
+from cnnscale.compress.common import check_out, command_parser, load_run_model, run_overrides
 from cnnscale.config import CommandParser, Config, config_from_args
 from cnnscale.errors import UserError
 from cnnscale.models import get_model_builder
@@ -133,6 +133,8 @@ def main(argv: list[str]) -> int:
         raise UserError("--teacher RUN_DIR is required (a run directory written by cnnscale train)")
     teacher, tcfg = load_run_model(dcfg.teacher, role="--teacher")
     cfg = _student_config(parser, ns, tcfg)
+    if cfg.train.out or cfg.train.resume:
+        check_out(cfg.train.resume or cfg.train.out, dcfg.teacher, "distill")
     result = run(cfg, DistillTask(teacher, dcfg.temperature, dcfg.alpha))
     summary = result.summary
     if result.is_main:

@@ -29,6 +29,7 @@ from torch.nn.utils import prune
 
 from cnnscale.compress.common import (
     WEIGHTS,
+    check_out,
     command_parser,
     eval_accuracy,
     eval_loader,
@@ -135,6 +136,7 @@ def main(argv: list[str]) -> int:
         raise UserError("RUN_DIR is required: cnnscale prune RUN_DIR --amount 0.5")
     model, src_cfg = load_run_model(ns.source)
     cfg = _finetune_config(parser, ns, pcfg, src_cfg)
+    check_out(cfg.train.out, ns.source, "prune")
     device = process_device(cfg)  # the accelerator's device for this rank (cuda:LOCAL_RANK), before run() makes it
     loader = eval_loader(cfg)
     before = eval_accuracy(model.to(device), loader, device)

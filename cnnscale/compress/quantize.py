@@ -57,7 +57,14 @@ try:
 except ImportError:
     torchao = None
 
-from cnnscale.compress.common import command_parser, eval_accuracy, eval_loader, load_run_model, run_overrides
+from cnnscale.compress.common import (
+    check_out,
+    command_parser,
+    eval_accuracy,
+    eval_loader,
+    load_run_model,
+    run_overrides,
+)
 from cnnscale.config import CommandParser, Config, config_from_args
 from cnnscale.errors import UserError
 from cnnscale.models import create_model
@@ -291,6 +298,8 @@ def main(argv: list[str]) -> int:
     qcfg = parser.section(ns, "quant")
     model, cfg, trained, default_out = _source(parser, ns)
     out = Path(cfg.train.out or default_out)
+    if ns.source is not None:
+        check_out(out, ns.source, "quantize")
     if qcfg.threads:
         torch.set_num_threads(qcfg.threads)
     calib = eval_loader(cfg, batch_size=qcfg.batch, split="calib")

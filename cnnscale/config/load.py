@@ -37,6 +37,7 @@ SHORT_FLAGS: dict[str, str] = {
     "--mixed-precision": "train.mixed_precision",
     "--out": "train.out",
     "--resume": "train.resume",
+    "--overwrite": "train.overwrite",
     "--seed": "train.seed",
     "--loader": "data.loader",
     "--device": "train.device",

@@ -12,7 +12,7 @@ Batch arithmetic is explicit: ``global_batch = micro_batch x grad_accum x world_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cnnscale.config.ranges import SEED_LIMIT, check_fields, setting
 from cnnscale.errors import UserError
@@ -28,7 +28,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("none", "step", "multistep", "cosine", "plateau", "onecycle")
 PRECISIONS = ("no", "fp16", "bf16")
 DATASETS = ("cifar10", "imagefolder", "synthetic")
-LOADERS = ("torch", "device")
+LOADERS = ("auto", "torch", "device")
 COMM_HOOKS = ("none", "fp16", "bf16")
 PROGRESS_MODES = ("auto", "rich", "plain", "none")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -45,9 +45,9 @@ class ModelConfig:
     """Registered model name (``cnnscale models`` lists them)."""
     width_mult: float | None = setting(None, gt=0, cap=16)
     """Width multiplier for models that take one (mobilenet_v1/v2); None keeps the model's default."""
-    num_classes: int = setting(10, ge=2, cap=100_000)
-    """Output classes. The data decides: left at 10 it follows the data's classes (an ImageFolder's class folders);
-    any other value must equal them, or exceed them with model.larger_head."""
+    num_classes: int | None = setting(None, ge=2, cap=100_000)
+    """Output classes. The data decides: unset (null) it follows the data's classes (10 for cifar10 and synthetic,
+    the class folders of an ImageFolder); a value given must equal them, or exceed them with model.larger_head."""
     larger_head: bool = setting(False)
     """Allow num_classes above the data's classes (a head with outputs no label uses, e.g. to match another run)."""
 
@@ -67,8 +67,13 @@ class DataConfig:
     """cifar10 only: download when missing."""
     val_size: int = setting(5000, ge=0, cap=10**8)
     """Images held out from train for validation (0 disables validation)."""
-    loader: str = setting("torch", choices=LOADERS)
-    """torch: DataLoader with torchvision transforms; device: whole uint8 set on the device, batched augmentation."""
+    loader: str = setting("auto", choices=LOADERS)
+    """auto: device when the decoded uint8 set fits data.device_budget, else torch (the choice and its reason are
+    printed at start-up and recorded in env.json); torch: DataLoader with torchvision transforms; device: whole uint8
+    set on the device, batched augmentation, evaluation batched there too (no worker processes)."""
+    device_budget: float = setting(0.5, gt=0, le=1)
+    """loader auto: the share of free memory (RAM on CPU, for all ranks of the node; device memory on a GPU) the
+    decoded data set may take for the device loader to be chosen."""
     augment: bool = setting(True)
     """RandomCrop(32, padding=4) + horizontal flip on train."""
     num_workers: int = setting(2, ge=0, cap=256)
@@ -174,7 +179,15 @@ class TrainConfig:
     out: str = setting("", path=True)
     """Run directory (default: runs/<model>-<time>)."""
     resume: str = setting("", path=True)
-    """Run directory to resume from its latest checkpoint ('' : fresh run)."""
+    """Run directory to resume from its latest checkpoint ('' : fresh run). Its config.yaml is the base: flags
+    override only what they name (--max-steps/--epochs extend, --data-dir moves the data); a flag contradicting
+    the checkpoint (model, optimiser, schedule, batch, precision, seed) is an error."""
+    overwrite: bool = setting(False)
+    """A fresh run into an out directory that already holds a run: move the old run aside to OUT.old-<time>
+    first (without it such a run is refused)."""
+    stop_on_nonfinite: bool = setting(True)
+    """Stop every rank at the log step whose loss is NaN or infinite, status diverged, exit code 3 (the last good
+    checkpoint is kept, never overwritten with non-finite weights); false trains on."""
     progress: str = setting("auto", choices=PROGRESS_MODES)
     """auto (rich bar on a TTY, plain lines otherwise), rich, plain or none."""
     device: str = setting("auto", choices=DEVICES)
@@ -217,19 +230,24 @@ class ProfileConfig:
 class FastConfig:
     """fast: memory format, compilation and backend switches."""
 
-    channels_last: bool = setting(False)
-    """Use channels_last memory format for model and inputs."""
+    channels_last: bool | None = setting(None, free="true, false, or null: decided per device")
+    """channels_last memory format for model and inputs; unset (null): on for a CUDA device, where it is faster for
+    these conv nets, off on CPU (:meth:`resolved`; env.json records the value used)."""
     compile: bool = setting(False)
     """torch.compile the model."""
     compile_mode: str = setting("default", choices=COMPILE_MODES)
     """torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs."""
     cudnn_benchmark: bool = setting(True)
-    """torch.backends.cudnn.benchmark (GPU only)."""
+    """torch.backends.cudnn.benchmark (GPU only; on by default, --fast.cudnn_benchmark false turns it off)."""
     tf32: bool = setting(True)
     """Allow TF32 matmul/conv on Ampere+ GPUs."""
 
     def __post_init__(self) -> None:
         check_fields(self, "fast.")
+
+    def resolved(self, cuda: bool) -> FastConfig:
+        """The switches for this device, every default decided: ``channels_last`` unset is on for CUDA only."""
+        return self if self.channels_last is not None else replace(self, channels_last=cuda)
 
 
 @dataclass(frozen=True)

@@ -15,25 +15,22 @@ count: :func:`head_classes` checks ``model.num_classes`` against it.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from cnnscale.config import DataConfig, ModelConfig, TrainConfig
+from cnnscale.data import cache
+from cnnscale.data.fits import check_fits, set_bytes
 from cnnscale.data.images import FolderImages, ImageError, image_folder, open_rgb
 from cnnscale.errors import UserError
 
 __all__ = ["CIFAR_MEAN", "CIFAR_STD", "Splits", "ArraySet", "load_arrays", "build_datasets", "build_loaders",
-           "train_transform", "eval_transform", "split_indices", "limit_indices", "head_classes", "check_fits"]
+           "train_transform", "eval_transform", "split_indices", "limit_indices", "head_classes"]
 
 # CIFAR-10 training-set channel statistics (the seed normalises with these).
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -56,12 +53,14 @@ def eval_transform() -> Any:
 @dataclass
 class ArraySet:
     """Images as a uint8 tensor (N, 3, 32, 32) and int64 labels (N,); ``classes``: the data's class count, ``bad``:
-    the files left out as unreadable (``data.skip_bad_images``)."""
+    the files left out as unreadable (``data.skip_bad_images``), ``cache``: where the images came from."""
 
     x: torch.Tensor
     y: torch.Tensor
     classes: int = 10
     bad: tuple[str, ...] = ()
+    cache: str | None = None
+    """ImageFolder: the decode cache's status for this split (hit, built, shared, off); None for other data."""
 
     def __len__(self) -> int:
         return len(self.y)
@@ -119,14 +118,15 @@ class Splits:
 
 
 def head_classes(mcfg: ModelConfig, data: str, found: int) -> int:
-    """The model's output count for data with ``found`` classes: the data decides. ``num_classes`` left at its
-    default follows the data; any other value must equal it, or exceed it with ``model.larger_head``."""
+    """The model's output count for data with ``found`` classes: the data decides. ``num_classes`` unset follows
+    the data; a value given must equal it, or exceed it with ``model.larger_head`` (a head wider than the labels,
+    asked for explicitly). Anything else is one line naming both counts."""
     n = mcfg.num_classes
-    if n == found or (n == ModelConfig().num_classes and data == "imagefolder"):
+    if n is None or n == found:
         return found
     if n > found and mcfg.larger_head:
         return n
-    hint = f"leave model.num_classes at its default or set it to {found}"
+    hint = f"leave model.num_classes unset (it follows the data) or set it to {found}"
     hint += "; a larger head needs model.larger_head true" if n > found else " (labels go up to the data's count)"
     raise UserError(f"model.num_classes is {n} but the {data} data has {found} classes: {hint}")
 
@@ -139,18 +139,10 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndar
     return np.sort(perm[: n - val_size]), np.sort(perm[n - val_size:])
 
 
-def check_fits(what: str, needed: int) -> None:
-    """Refuse, before allocating, what host memory cannot hold: one line saying needed vs available."""
-    available = psutil.virtual_memory().available
-    if needed > available:
-        raise UserError(f"{what} needs {needed / 2**30:.1f} GiB of memory, but {available / 2**30:.1f} GiB is "
-                        "available on this machine")
-
-
 def _synthetic(cfg: DataConfig, seed: int, train: bool) -> ArraySet:
     n = cfg.synthetic_size if train else max(cfg.synthetic_size // 5, 1)
     if train:  # uint8 images + int64 labels, train and test
-        check_fits(f"data.synthetic_size {cfg.synthetic_size}", (n + max(n // 5, 1)) * (3 * 32 * 32 + 8))
+        check_fits(f"data.synthetic_size {cfg.synthetic_size}", set_bytes(n + max(n // 5, 1)))
     g = torch.Generator().manual_seed(seed * 2 + (0 if train else 1))
     return ArraySet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
                     torch.randint(0, 10, (n,), generator=g))
@@ -187,8 +179,9 @@ def _imagefolder(cfg: DataConfig, split: str, *, scan: bool) -> FolderImages:
     return image_folder(root, skip_bad=cfg.skip_bad_images, scan=scan, train=split == "train")
 
 
-def _decode_folder(ds: FolderImages, skip_bad: bool) -> ArraySet:
-    """Every image decoded to 32x32 uint8; an unreadable one is an error naming it, or (``skip_bad``) left out."""
+def _decode_folder(ds: FolderImages, skip_bad: bool) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Every image decoded to 32x32 uint8 (N, 3, 32, 32) with its labels; an unreadable one is an error naming it,
+    or (``skip_bad``) left out and listed after the files found bad before decoding."""
     xs = np.empty((len(ds.samples), 32, 32, 3), dtype=np.uint8)
     keep, bad = [], list(ds.bad)
     for p, t in ds.samples:
@@ -201,53 +194,19 @@ def _decode_folder(ds: FolderImages, skip_bad: bool) -> ArraySet:
             continue
         xs[len(keep)] = np.asarray(im if im.size == (32, 32) else im.resize((32, 32)))
         keep.append(t)
-    x = torch.from_numpy(xs[: len(keep)]).permute(0, 3, 1, 2).contiguous()
-    return ArraySet(x, torch.tensor(keep, dtype=torch.int64), len(ds.classes), tuple(bad))
-
-
-def _cache_key(ds: FolderImages) -> str:
-    """Names, classes, sizes and modification times: a file replaced or repaired is decoded again."""
-    h = hashlib.sha1()
-    for p, t in ds.samples:
-        st = os.stat(p)
-        h.update(f"{p}:{t}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    h.update("\n".join(ds.bad).encode())
-    return h.hexdigest()[:12]
-
-
-def _load_cache(cache: Path, ds: FolderImages) -> ArraySet | None:
-    """The cached decode when it is whole (every file decoded or listed as bad), else None (rebuilt)."""
-    try:
-        d = torch.load(cache, weights_only=True)
-        x, y, bad = d["x"], d["y"], tuple(d.get("bad", ()))
-    except Exception:  # a torn or foreign cache file is rebuilt
-        return None
-    whole = x.dtype == torch.uint8 and tuple(x.shape[1:]) == (3, 32, 32) and len(x) == len(y)
-    return ArraySet(x, y, len(ds.classes), bad) if whole and len(y) + len(bad) == len(ds.samples) + len(ds.bad) \
-        else None
+    return xs[: len(keep)].transpose(0, 3, 1, 2).copy(), np.asarray(keep, dtype=np.int64), tuple(bad)
 
 
 def _cached_decode(cfg: DataConfig, split: str) -> ArraySet:
-    """Decode an ImageFolder split to uint8 once; cache it beside the data when the directory is writable. Only a
-    whole decode is cached (written after the last file, atomically); a cache that lists bad files serves only
-    runs that skip them."""
+    """An ImageFolder split decoded to uint8 once, then read from the decode cache (:mod:`cnnscale.data.cache`:
+    keyed by the files, atomic, shared by concurrent runs). Only a whole decode is cached; an entry that lists bad
+    files serves only runs that skip them (a strict run stops at the first, naming it)."""
     ds = _imagefolder(cfg, split, scan=False)
-    cache = Path(cfg.data_dir) / f".cnnscale-{split}-{_cache_key(ds)}.pt"
-    arr = _load_cache(cache, ds) if cache.is_file() else None
-    if arr is not None and arr.bad and not cfg.skip_bad_images:
-        raise ImageError(arr.bad[0])
-    if arr is not None:
-        return arr
-    arr = _decode_folder(ds, cfg.skip_bad_images)
-    try:  # a unique temp name per process: several ranks may decode the same folder at once
-        fd, tmp = tempfile.mkstemp(prefix=cache.name, suffix=".tmp", dir=cache.parent)
-        os.close(fd)
-        torch.save({"x": arr.x, "y": arr.y, "bad": list(arr.bad)}, tmp)
-        os.replace(tmp, cache)
-    except OSError:
-        with contextlib.suppress(OSError, UnboundLocalError):
-            os.unlink(tmp)
-    return arr
+    d = cache.cached_decode(Path(cfg.data_dir), split, ds.samples, ds.bad, ds.classes,
+                            lambda: _decode_folder(ds, cfg.skip_bad_images))
+    if d.bad and not cfg.skip_bad_images:
+        raise ImageError(d.bad[0])
+    return ArraySet(torch.from_numpy(d.x), torch.from_numpy(d.y), len(ds.classes), d.bad, d.status)
 
 
 def load_arrays(cfg: DataConfig, seed: int, split: str) -> ArraySet:

@@ -103,6 +103,7 @@ class DeviceTrainLoader(_Registered):
         self.rank, self.world, self.seed, self.augment = rank, world, seed, augment
         self.epoch = 0
         self.bad: tuple[str, ...] = ()  # unreadable files the data left out (data.skip_bad_images)
+        self.cache: dict[str, str] | None = None  # ImageFolder: the decode cache's status per split (env.json)
         if len(self) == 0:
             raise UserError(f"{len(data)} training images cannot fill one step of micro_batch {batch_size} x world "
                             f"size {world} = {batch_size * world}; use fewer processes or a smaller --micro-batch")
@@ -200,7 +201,8 @@ def build_device_loaders(cfg: Any, accelerator: Any) -> tuple[DeviceTrainLoader,
                                                                DeviceEvalLoader, int]:
     """(train, val, test, num_classes) for ``--loader device``: same splits, limits and augmentation as the torch
     path (synthetic data is not augmented there either). ``num_classes``: the model's head for this data
-    (:func:`~cnnscale.data.datasets.head_classes`). Files left out as unreadable: ``train.bad``."""
+    (:func:`~cnnscale.data.datasets.head_classes`). Files left out as unreadable: ``train.bad``; the decode cache's
+    status (ImageFolder): ``train.cache``."""
     d, t = cfg.data, cfg.train
     full, test_all = load_arrays(d, t.seed, "train"), load_arrays(d, t.seed, "test")
     test = _head(test_all, d.limit_test)
@@ -216,5 +218,7 @@ def build_device_loaders(cfg: Any, accelerator: Any) -> tuple[DeviceTrainLoader,
     augment = d.augment and d.name != "synthetic"
     train_loader = DeviceTrainLoader(train, t.micro_batch, rank, world, t.seed, augment, dev)
     train_loader.bad = (*full.bad, *test_all.bad)
+    if full.cache is not None:
+        train_loader.cache = {"train": full.cache, "test": str(test_all.cache)}
     return (train_loader, DeviceEvalLoader(val, eval_bs, rank, world, dev) if val is not None else None,
             DeviceEvalLoader(test, eval_bs, rank, world, dev), num_classes)

@@ -61,10 +61,10 @@ def model_family(name: str) -> str:
     return _FAMILIES[name]
 
 
-def create_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
+def create_model(name: str, num_classes: int | None = 10, **kwargs: Any) -> nn.Module:
     """Build a registered model. Keyword arguments whose value is ``None`` are dropped, so the model's defaults
-    apply (a config's ``width_mult: null`` reaches every model). An argument the builder does not take is a
-    :class:`UserError` naming the ones it does."""
+    apply (a config's ``width_mult: null`` reaches every model; ``num_classes`` None is 10, CIFAR-10's). An
+    argument the builder does not take is a :class:`UserError` naming the ones it does."""
     builder = get_model_builder(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     accepted = [p for p in inspect.signature(builder).parameters if p != "num_classes"]
@@ -72,4 +72,4 @@ def create_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
     if unknown:
         takes = ", ".join(["num_classes", *accepted])
         raise UserError(f"model {name!r} does not take {', '.join(unknown)} (it takes: {takes})")
-    return builder(num_classes=num_classes, **kwargs)
+    return builder(num_classes=10 if num_classes is None else num_classes, **kwargs)

@@ -12,9 +12,11 @@ makes :data:`HOST_SYNCS_PER_STEP` ``["fp16"]`` CPU-GPU synchronisation per optim
 the host cannot queue the next step's kernels while the GPU still runs this one, which shows on small models
 (LeNet-5), hardly on ResNet-18 at batch 512. The GPU check runs fp16 beside bf16 to show it.
 
-On CPU there is no honest table, so the peak is measured at start-up with a short matmul benchmark (best of many
-512-square matmuls over 0.5 s, at the thread count in use; on a shared machine some of them escape contention, where
-1024-square ones measured 6x lower) and labelled ``measured:cpu matmul <dtype>``.
+On CPU there is no honest table, so the peak is measured with a short matmul benchmark (best of many 512-square
+matmuls over 1 s, at the thread count in use; on a shared machine some of them escape contention, where 1024-square
+ones measured 6x lower) and labelled ``measured:cpu matmul <dtype>``. It is measured once per host, thread count and
+torch version and cached (:mod:`.peakcache`: a study warms the cache before it starts the ranks), so that the ranks
+of a run, competing for the cores, do not each measure a different peak.
 """
 
 from __future__ import annotations
@@ -27,9 +29,15 @@ from typing import Any
 
 import torch
 
+from cnnscale.profile.peakcache import cached_peak, peak_key
+
 __all__ = ["PEAK_TFLOPS", "HOST_SYNCS_PER_STEP", "host_syncs_per_step", "lookup_peak", "compute_dtype",
-           "measure_cpu_peak", "resolve_peak", "mfu", "MfuInputs",
+           "measure_cpu_peak", "cpu_peak", "CPU_PEAK_SECONDS", "resolve_peak", "peak_info", "mfu", "MfuInputs",
            "mfu_setup"]
+
+CPU_PEAK_SECONDS = 1.0
+"""How long the cached CPU peak measurement runs (best of the matmuls in that time)."""
+_CPU_DTYPES = ("fp32", "bf16", "fp16")
 
 # (pattern on the device name, label) -> {dtype: dense TFLOP/s}. First match wins, so specific names come first.
 PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
@@ -79,8 +87,7 @@ def compute_dtype(mixed_precision: str, device_type: str, tf32: bool) -> str:
     return "tf32" if device_type == "cuda" and tf32 else "fp32"
 
 
-@functools.lru_cache(maxsize=8)
-def _cpu_matmul_tflops(dtype: str, threads: int, size: int, seconds: float) -> float:
+def _matmul_tflops(dtype: str, size: int, seconds: float) -> float:
     tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     a = torch.full((size, size), 0.5, dtype=tdtype)  # no RNG: profiling must not change the training stream
     b = torch.full((size, size), 0.25, dtype=tdtype)
@@ -96,23 +103,46 @@ def _cpu_matmul_tflops(dtype: str, threads: int, size: int, seconds: float) -> f
     return 2 * size**3 / best / 1e12
 
 
+@functools.lru_cache(maxsize=8)
+def _cpu_matmul_tflops(dtype: str, threads: int, size: int, seconds: float) -> float:
+    return _matmul_tflops(dtype, size, seconds)
+
+
 def measure_cpu_peak(dtype: str = "fp32", size: int = 512, seconds: float = 0.5) -> float:
-    """Best-case TFLOP/s of a ``size``-square matmul in this process at its current thread count (cached)."""
-    return _cpu_matmul_tflops(dtype if dtype in ("fp32", "bf16", "fp16") else "fp32", torch.get_num_threads(), size,
-                              seconds)
+    """Best-case TFLOP/s of a ``size``-square matmul in this process at its current thread count (memoised in the
+    process; not the host cache, see :func:`cpu_peak`)."""
+    return _cpu_matmul_tflops(dtype if dtype in _CPU_DTYPES else "fp32", torch.get_num_threads(), size, seconds)
+
+
+def cpu_peak(dtype: str = "fp32", refresh: bool = False) -> tuple[float, str, float]:
+    """(TFLOP/s, cache status, age s) of this host's CPU peak at the current thread count: the host cache's value
+    (:mod:`.peakcache`), measured (:data:`CPU_PEAK_SECONDS`) and cached on a miss or when ``refresh``."""
+    dtype = dtype if dtype in _CPU_DTYPES else "fp32"
+    key = peak_key(torch.get_num_threads(), dtype)
+    return cached_peak(key, lambda: _matmul_tflops(dtype, 512, CPU_PEAK_SECONDS), refresh)
+
+
+def peak_info(device: torch.device, mixed_precision: str, tf32: bool = True, override: float = 0.0,
+              refresh: bool = False) -> dict[str, Any]:
+    """``peak_tflops`` per device and ``peak_source`` for MFU (a config override, the GPU table, or the CPU's cached
+    measurement), with ``peak_cache`` and ``peak_age_s`` for a CPU peak (None otherwise)."""
+    dtype = compute_dtype(mixed_precision, device.type, tf32)
+    out: dict[str, Any] = {"peak_tflops": None, "peak_source": None, "peak_cache": None, "peak_age_s": None}
+    if override > 0:
+        out.update(peak_tflops=override, peak_source=f"config:{dtype}")
+    elif device.type == "cuda":
+        out["peak_tflops"], out["peak_source"] = lookup_peak(torch.cuda.get_device_name(device), dtype)
+    elif device.type == "cpu":
+        tflops, status, age = cpu_peak(dtype, refresh)
+        out.update(peak_tflops=tflops, peak_source=f"measured:cpu matmul {dtype}", peak_cache=status, peak_age_s=age)
+    return out
 
 
 def resolve_peak(device: torch.device, mixed_precision: str, tf32: bool = True,
                  override: float = 0.0) -> tuple[float | None, str | None]:
-    """(peak TFLOP/s per device, source label) for MFU: a config override, the GPU table, or a CPU measurement."""
-    dtype = compute_dtype(mixed_precision, device.type, tf32)
-    if override > 0:
-        return override, f"config:{dtype}"
-    if device.type == "cuda":
-        return lookup_peak(torch.cuda.get_device_name(device), dtype)
-    if device.type == "cpu":
-        return measure_cpu_peak(dtype), f"measured:cpu matmul {dtype}"
-    return None, None
+    """(peak TFLOP/s per device, source label) of :func:`peak_info`."""
+    info = peak_info(device, mixed_precision, tf32, override)
+    return info["peak_tflops"], info["peak_source"]
 
 
 def mfu(flops_per_image: float | None, img_per_s_per_device: float | None,
@@ -140,13 +170,13 @@ class MfuInputs:
 
 
 def mfu_setup(device: torch.device, inputs: MfuInputs | None, peak_override: float = 0.0) -> dict[str, Any]:
-    """FLOPs per training image and the peak to compare with (the CPU peak is measured here: ~0.5 s, cached);
-    without ``inputs`` every figure is None."""
+    """FLOPs per training image and the peak to compare with (on CPU the host cache's value; a miss measures for
+    about 1 s, once per host); without ``inputs`` every figure is None."""
     out: dict[str, Any] = {"train_flops_per_img": None, "peak_tflops": None, "peak_source": None}
     if inputs is None:
         return out
     out["train_flops_per_img"] = inputs.flops_per_img
     if inputs.flops_error:
         out["flops_error"] = inputs.flops_error
-    out["peak_tflops"], out["peak_source"] = resolve_peak(device, inputs.mixed_precision, inputs.tf32, peak_override)
+    out.update(peak_info(device, inputs.mixed_precision, inputs.tf32, peak_override))
     return out

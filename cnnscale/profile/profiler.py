@@ -13,8 +13,11 @@ nothing but count images over wall time, so the loop has no ``if``.
   ``fwd_bwd_s`` and ``optim_s`` is None (n/a), not the ~0 s the empty ``optimizer.step()`` would read.
 - Phases are timed with perf_counter on CPU and CUDA events on GPU (:mod:`.clock`); events are read only at log
   steps and at the end (one synchronise each), so timing does not serialise the host with the device.
-- Gradient synchronisation is measured by the no_sync probe of :mod:`.comm` (with the task's own loss, e.g.
-  distillation's); its time is excluded from every figure.
+- Gradient communication is timed in DDP's communication hook (:mod:`.commhook`): per step the time buckets were
+  in flight (``comm_s``), what was left after the backward's compute ended (``comm_exposed_s``, which is
+  ``sync_s``) and the overlap. Under DeepSpeed there is no DDP hook: n/a (None). The no_sync probe of :mod:`.comm`
+  (with the task's own loss, e.g. distillation's) stays as a cross-check (``sync_probe_s``), never during warm-up;
+  its time is excluded from every figure.
 - ``profile.trace_steps`` N > 0: a torch.profiler trace of the first N steps through ``accelerator.profile()``,
   written to ``RUN/trace/`` (those steps run slower under the tracer).
 - Memory (:mod:`.memory`): allocator peaks and NVML's used memory (:mod:`.nvml`, which also sees NCCL's buffers)
@@ -37,6 +40,7 @@ from cnnscale.config import ProfileConfig
 from cnnscale.profile import memory
 from cnnscale.profile.clock import Marks, StepClock, percentile
 from cnnscale.profile.comm import SYNC_PROBE_EVERY, SyncProbe
+from cnnscale.profile.commhook import comm_figures, comm_source, comm_timer
 from cnnscale.profile.mfu import MfuInputs, host_syncs_per_step, mfu, mfu_setup
 from cnnscale.profile.nvml import NvmlSampler
 
@@ -68,10 +72,9 @@ class NullProfiler:
         """The batches of ``it`` (the Profiler times the wait for each)."""
         return iter(it)
 
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
+    def phase(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Time the block as phase ``name`` (``fwd_bwd`` or ``optim``)."""
-        yield
+        return _NOTHING
 
     def step(self, images: int) -> None:
         """One optimiser step of ``images`` images (all ranks, all micro-batches) is done."""
@@ -113,13 +116,16 @@ class Profiler(NullProfiler):
         self._last_mark: Any = None
         self._last_fwd_bwd: Any = None
         self._last_batch: Any = None
+        self._phases: dict[str, _Phase] = {}
         self._window_images = 0
         self._window_t0: float | None = None
         self._window_excluded = 0.0
         self.sync = SyncProbe(accelerator, model, world_size, pcfg.sync_probe_every, self.sclock, channels_last,
                               loss_fn=getattr(task, "loss", None))
+        self.comm = comm_timer(model) if model is not None else None
         # DeepSpeed steps its optimiser inside backward: no separate optimiser time to measure.
-        self.optim_measured = not str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
+        self.deepspeed = str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
+        self.optim_measured = not self.deepspeed
         self.warmup_steps = pcfg.warmup_steps
         self.measured_steps = 0
         self.sampler = sampler if sampler is not None else NvmlSampler.for_device(device, pcfg.nvml_hz)
@@ -137,6 +143,7 @@ class Profiler(NullProfiler):
         if self._setup is None:
             self._setup = mfu_setup(self.device, self.mfu_inputs, self.pcfg.peak_tflops)
             self._setup.update({"profiling": True, "nvml": self.sampler.status, "sync_probe_every": self.sync.every,
+                                "comm_timing": comm_source(self.comm, self.world_size, self.deepspeed),
                                 "sync_measured": self.sync.possible or self.world_size == 1,
                                 "data_wait_clock": "cuda events" if self.marks.cuda else "host"})
             if self.mfu_inputs is not None:
@@ -150,6 +157,8 @@ class Profiler(NullProfiler):
         memory.reset_peak_rss()
         memory.reset_allocator_peaks(self.device)
         self.sampler.start()
+        if self.comm is not None:
+            self.comm.reset()
         if self.trace_steps:
             activities = ["cpu", "cuda"] if self.marks.cuda else ["cpu"]
             self._trace.enter_context(self.acc.profile(ProfileKwargs(activities=activities, record_shapes=True,
@@ -170,16 +179,8 @@ class Profiler(NullProfiler):
             self._last_batch = batch
             yield batch
 
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        a = self.marks.mark()
-        try:
-            yield
-        finally:
-            b = self.marks.mark()
-            self._pending.append((name, a, b))
-            if name == "fwd_bwd":
-                self._last_fwd_bwd = (a, b)
+    def phase(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return self._phases.get(name) or self._phases.setdefault(name, _Phase(self, name))
 
     def step(self, images: int) -> None:
         super().step(images)
@@ -190,9 +191,12 @@ class Profiler(NullProfiler):
         if self._last_mark is not None:
             self._pending.append(("step", self._last_mark, mark))
         self._last_mark = mark
+        if self.comm is not None:
+            self.comm.close_step()
         if self.steps == self.warmup_steps:
             self._end_warmup()
-        if self.sync.due(self.steps) and self._last_batch is not None and self._last_fwd_bwd is not None:
+        probe = self.steps > self.warmup_steps and self.sync.due(self.steps - self.warmup_steps)  # never in warm-up
+        if probe and self._last_batch is not None and self._last_fwd_bwd is not None:
             self._excluded(lambda: self.sync.probe(self.marks.span(*self._last_fwd_bwd), self._last_batch))
         if self.steps == self.trace_steps:
             self._excluded(self._trace.close)  # writes one Chrome-trace JSON per rank under RUN/trace/
@@ -204,6 +208,8 @@ class Profiler(NullProfiler):
         self.images, self.measured_steps, self.excluded_s = 0, 0, 0.0
         self.phase_s = dict.fromkeys(self.phase_s, 0.0)
         self.step_times.clear()
+        if self.comm is not None:
+            self.comm.reset()
         self.t0 = self.sclock.now()
         self._last_mark = self.marks.mark()
 
@@ -227,6 +233,8 @@ class Profiler(NullProfiler):
             else:
                 self.phase_s[name] = self.phase_s.get(name, 0.0) + dt
         self._pending.clear()
+        if self.comm is not None:
+            self.comm.flush()
 
     # ------------------------------------------------------------------------------------------ records
     def log_metrics(self) -> dict[str, Any]:
@@ -252,8 +260,11 @@ class Profiler(NullProfiler):
         s = super().summary()
         wall = s["train_time_s"]
         compute = max(wall - self.phase_s["data"], 1e-9)
-        sync_step = self.sync.per_step()
-        sync_s = sync_step * self.measured_steps if sync_step is not None else None
+        comm = comm_figures(self.comm, self.world_size, self.deepspeed)
+        probe_step = self.sync.per_step()
+        probe_s = probe_step * self.measured_steps if probe_step is not None else None
+        hooked = self.comm is not None or (self.deepspeed and self.world_size > 1)  # the hook's figure, or n/a
+        sync_s = comm["comm_exposed_s"] if hooked else probe_s
         s.update({
             "compute_img_per_s": self.images / compute,
             "step_ms_p50": _ms(percentile(self.step_times, 50)),
@@ -263,13 +274,15 @@ class Profiler(NullProfiler):
             "optim_s": self.phase_s["optim"] if self.optim_measured else None,
             "sync_s": sync_s,
             "sync_share": sync_s / wall if sync_s is not None else None,
+            "sync_probe_s": probe_s if self.sync.possible else None,
             "cpu_percent": self.cpu_percent,
+            **comm,
         })
         s.update(self.sampler.summary())
         s.update(memory.allocator_peaks(self.device))
         env = self.env()
         s.update(mfu(env.get("train_flops_per_img"), s["img_per_s"] / self.world_size, env.get("peak_tflops")))
-        s.update({"peak_tflops": env.get("peak_tflops"), "peak_source": env.get("peak_source")})
+        s.update({k: env.get(k) for k in ("peak_tflops", "peak_source", "peak_cache", "peak_age_s")})
         s.update(self._across_ranks(s))
         return s
 
@@ -282,6 +295,28 @@ class Profiler(NullProfiler):
         out["rank_peak_rss_bytes"] = [d["peak_rss_bytes"] for d in everyone]
         out["rank_max_memory_allocated_bytes"] = [d["max_memory_allocated_bytes"] for d in everyone]
         return out
+
+
+_NOTHING = contextlib.nullcontext()
+
+
+class _Phase:
+    """The timing context of one phase name, reused every step (a class, not a generator-based context manager:
+    a third of the cost per entry, which shows on LeNet-5's ~10 ms steps)."""
+
+    __slots__ = ("prof", "name", "a")
+
+    def __init__(self, prof: Profiler, name: str) -> None:
+        self.prof, self.name, self.a = prof, name, None
+
+    def __enter__(self) -> None:
+        self.a = self.prof.marks.mark()
+
+    def __exit__(self, *exc: object) -> None:
+        prof, a, b = self.prof, self.a, self.prof.marks.mark()
+        prof._pending.append((self.name, a, b))
+        if self.name == "fwd_bwd":
+            prof._last_fwd_bwd = (a, b)
 
 
 def _ms(x: float | None) -> float | None:

@@ -4,12 +4,19 @@ A run directory is whatever holds a summary.json, an env.json or a point.json (a
 trainer wrote anything has only point.json). Records of schema 0 (before point.json) kept the study's view of a
 point inside summary.json (``point``, ``exit_warning``); :func:`load_run` turns that into a :class:`Point`, so that
 readers see one shape. Reading never writes.
+
+Whether a run whose summary says ``running`` still runs: :func:`liveness` (its lock, else its pid or heartbeat).
+Which checkpoints are complete (a strict ``step_%08d`` name and the ``trainer_state.json`` marker written last, naming
+the same step): :func:`complete_checkpoints`, without torch.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +24,21 @@ from typing import Any
 import yaml
 
 from cnnscale.errors import UserError
-from cnnscale.records.io import CONFIG, ENV, METRICS, POINT, SUMMARY, read_metrics
-from cnnscale.records.schema import Env, Point, RecordError, Summary, read_env, read_point, read_summary
+from cnnscale.records.io import CONFIG, ENV, LOCK, METRICS, POINT, SUMMARY, lock_holder, read_metrics
+from cnnscale.records.schema import RUN_STATUSES, Env, Point, RecordError, Summary, read_env, read_point, read_summary
 
-__all__ = ["Run", "load_run", "find_runs", "legacy_point"]
+__all__ = ["Run", "load_run", "find_runs", "legacy_point", "liveness", "LIVENESS", "HEARTBEAT_STALE_S",
+           "checkpoint_dirs", "complete_checkpoints", "has_checkpoint", "holds_run", "CHECKPOINTS", "TRAINER_STATE",
+           "CHECKPOINT_NAME"]
+
+CHECKPOINTS, TRAINER_STATE = "checkpoints", "trainer_state.json"
+CHECKPOINT_NAME = re.compile(r"step_(\d{8})")
+"""The only checkpoint directory name this project writes (``step_%08d``); anything else is left alone."""
+HEARTBEAT_STALE_S = 600.0
+"""A running run on another host whose heartbeat is older than this reads as dead (the heartbeat is rewritten
+every ~10 s of training; an evaluation or a checkpoint of a big model can hold it for minutes)."""
+LIVENESS = ("running", "dead", "unknown", *(s for s in RUN_STATUSES if s != "running"))
+"""What :func:`liveness` returns."""
 
 
 @dataclass(frozen=True)
@@ -147,3 +165,89 @@ def find_runs(roots: list[str | Path]) -> list[Path]:
             mine += [here / d for d in dirnames if os.path.islink(os.path.join(dirpath, d)) and _is_run(here / d)]
         found += sorted(mine)
     return found
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, directory)`` of every published checkpoint of ``run_dir``, oldest first: a ``step_%08d`` directory
+    holding the ``trainer_state.json`` marker (written last, before the atomic rename). What ``--resume`` loads (the
+    newest; a marker that does not parse is then reported as a corrupt checkpoint)."""
+    ckdir = Path(run_dir) / CHECKPOINTS
+    try:
+        entries = list(os.scandir(ckdir))
+    except OSError:
+        return []
+    out = []
+    for e in entries:
+        m = CHECKPOINT_NAME.fullmatch(e.name)
+        if m is not None and e.is_dir(follow_symlinks=False) and (Path(e.path) / TRAINER_STATE).is_file():
+            out.append((int(m.group(1)), Path(e.path)))
+    return sorted(out)
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The :func:`checkpoint_dirs` whose marker parses and names that same step, oldest first: the only
+    directories checkpoint rotation may delete."""
+    out = []
+    for step, d in checkpoint_dirs(run_dir):
+        try:
+            state = json.loads((d / TRAINER_STATE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and state.get("step") == step:
+            out.append((step, d))
+    return out
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """True when ``run_dir`` holds a complete checkpoint that ``--resume`` would load (see
+    :func:`complete_checkpoints`)."""
+    return bool(complete_checkpoints(run_dir))
+
+
+def holds_run(path: str | Path) -> bool:
+    """True when ``path`` holds a run's records (config, summary, env, metrics) or anything under checkpoints/; a
+    study's own files (point.json, launch.log) do not count."""
+    path = Path(path)
+    ck = path / CHECKPOINTS
+    return any((path / n).exists() for n in (CONFIG, SUMMARY, ENV, METRICS)) or (ck.is_dir() and any(ck.iterdir()))
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def liveness(run_dir: str | Path) -> str:
+    """``running`` or ``dead`` for a run whose summary.json says ``running``; its status otherwise (``ok``,
+    ``failed``, ``preempted``, ``diverged`` ...); ``unknown`` without a readable summary. Never raises on a record.
+
+    A running run is alive while its lock (``RUN/.lock``, held by rank 0 for the whole run) is held. Else, on the
+    run's own host: dead when the lock is free, or (no lock file: older runs) when ``pid`` is gone. Seen from another
+    host (a copy of a cluster's runs, where a free lock says nothing): alive while ``heartbeat_at`` is under
+    :data:`HEARTBEAT_STALE_S` old.
+    Cost: one small JSON file, and one open + flock probe of the lock file for running runs."""
+    run_dir = Path(run_dir)
+    try:
+        data = json.loads((run_dir / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return "unknown"
+    status = data.get("status") if isinstance(data, dict) else None
+    if not isinstance(status, str) or status not in RUN_STATUSES:
+        return "unknown"
+    if status != "running":
+        return status
+    locked = (run_dir / LOCK).is_file()
+    if locked and lock_holder(run_dir / LOCK) is not None:
+        return "running"
+    if data.get("host") == socket.gethostname():  # here a free lock, or no pid, is decisive
+        return "running" if not locked and _pid_alive(data.get("pid")) else "dead"
+    beat = data.get("heartbeat_at")
+    fresh = isinstance(beat, int | float) and not isinstance(beat, bool) and time.time() - beat < HEARTBEAT_STALE_S
+    return "running" if fresh else "dead"

@@ -23,9 +23,11 @@ from cnnscale.records.io import ENV, POINT, SUMMARY
 __all__ = ["Env", "Summary", "Point", "write_env", "read_env", "write_summary", "read_summary", "write_point",
            "read_point", "RUN_STATUSES", "POINT_STATUSES", "SCALINGS", "SCHEMA_VERSION", "RecordError"]
 
-RUN_STATUSES = ("ok", "failed", "oom", "timeout", "running", "preempted")
-"""summary.json's ``status``: ``running`` while training, ``preempted`` when checkpointed on a signal (resumable)."""
-POINT_STATUSES = ("ok", "failed", "oom", "timeout")
+RUN_STATUSES = ("ok", "failed", "oom", "timeout", "running", "preempted", "diverged")
+"""summary.json's ``status``: ``running`` while training, ``preempted`` when checkpointed on a signal (resumable),
+``diverged`` when a non-finite loss stopped it (the last good checkpoint kept). Whether a ``running`` run is alive:
+:func:`cnnscale.records.run.liveness`."""
+POINT_STATUSES = ("ok", "failed", "oom", "timeout", "diverged")
 """point.json's ``status``: how the study judged the launch."""
 SCALINGS = ("weak", "strong")
 """A study's scaling: weak (fixed per-process batch) or strong (fixed global batch); study specs use it too."""
@@ -62,6 +64,8 @@ class Env(Record):
     mixed_precision: str | None = None        # what the run really used (under DeepSpeed: from its JSON)
     global_batch: int | None = None
     loader: str | None = None                 # torch | device
+    loader_reason: str | None = None          # why (data.loader auto: the set's size against the memory budget)
+    decode_cache: dict | None = None          # ImageFolder, device loader: {"train": hit|built|shared|off, "test": ..}
     bad_images_skipped: int | None = None     # unreadable ImageFolder files left out (data.skip_bad_images)
     bad_images: list | None = None            # the first of them, "path: reason", at most 20
     runner: str | None = None                 # set by scripts that are not the trainer (bench_ddp_bare)
@@ -92,6 +96,9 @@ class Env(Record):
     nvml: str | None = None                   # "ok" or why NVML is n/a
     sync_probe_every: int | None = None
     sync_measured: bool | None = None
+    comm_timing: str | None = None            # "ddp comm hook (allreduce|bf16_compress|...)", or why none / n/a
+    peak_cache: str | None = None             # CPU peak: "hit" (the host's cached value), "measured", "remeasured"
+    peak_age_s: float | None = None           # seconds since the CPU peak in use was measured
     host_syncs_per_step: int | None = None    # CPU-GPU syncs per optimiser step the precision adds (fp16: 1)
     data_wait_clock: str | None = None        # "cuda events" (GPU idle + loader kernels) or "host" (CPU)
     # schema 0 only (read, never written): the name train_flops_per_img had
@@ -124,6 +131,10 @@ class Summary(Record):
     resume: str | None = None                 # preempted: the flag that resumes it
     runner: str | None = None
     ignored_args: list | None = None
+    # the owner (rank 0), for telling a live run from a dead one (cnnscale.records.run.liveness)
+    pid: int | None = None
+    host: str | None = None
+    heartbeat_at: float | None = None         # epoch seconds, rewritten every ~10 s of training while running
     # results
     final_loss: float | None = None           # last logged training loss
     test_loss: float | None = None
@@ -142,6 +153,13 @@ class Summary(Record):
     optim_s: float | None = None
     sync_s: float | None = None               # gradient all-reduce time not hidden by the backward
     sync_share: float | None = None
+    sync_probe_s: float | None = None         # the no_sync probe's estimate of sync_s (a cross-check)
+    comm_s: float | None = None               # gradient communication in flight, timed in DDP's hook (None: n/a)
+    comm_exposed_s: float | None = None       # of it, left after the backward's compute ended (= sync_s)
+    comm_overlap: float | None = None         # share of comm_s hidden behind the backward's compute
+    comm_buckets_per_step: float | None = None
+    comm_bytes_per_step: float | None = None  # bytes all-reduced per step (2 per gradient under fp16/bf16 hooks)
+    comm_timed_hook: str | None = None        # allreduce, fp16_compress, bf16_compress
     # utilisation and FLOPs
     cpu_percent: float | None = None
     gpu_util_pct_mean: float | None = None
@@ -152,6 +170,8 @@ class Summary(Record):
     mfu: float | None = None
     peak_tflops: float | None = None
     peak_source: str | None = None
+    peak_cache: str | None = None
+    peak_age_s: float | None = None
     # memory: max over ranks, then per rank
     peak_rss_bytes: int | None = None
     gpu_mem_used_bytes_peak: int | None = None
@@ -189,6 +209,7 @@ class Point(Record):
     overrides: dict | None = None             # --section.field values passed to the point
     script: str | None = None
     repeat: int = 0                           # which repetition of this point (round-robin)
+    point_id: str | None = None               # the matrix point's id without the repeat (None in old files: id)
     attempts: int = 1                         # launches made (a retry after a taken port counts)
     error: str | None = None                  # one line, when status is not ok
     exit_warning: str | None = None           # ok, but something went wrong after the run's record was complete

@@ -5,7 +5,13 @@ and per-worker batch (weak scaling; the global batch for strong scaling). Agains
 N0: ``speedup = tput(N) / tput(N0)`` and ``efficiency = tput(N) · N0 / (N · tput(N0))`` (with N0 = 1, the
 textbook ``tput(N) / (N · tput(1))``). ``pred`` is the scaling model's efficiency (:mod:`cnnscale.scaling.model`) from
 N0's measured step time, the gradient bytes (the parameter count the records state) and the interconnect; ``err``
-is pred - measured, in points. Pure: no files beyond what was loaded, no torch.
+is pred - measured, in points.
+
+Repeats: every run is a row first, and speedup, efficiency and the prediction are computed per run against the
+baseline run of the **same repeat index** (repeat i at N against repeat i at N0; a repeat whose partner at N0 did not
+end ok is measured against the median N0 run). :func:`cnnscale.report.points.collapse` then makes one row per point,
+each figure the median over its repeats with the interval of the per-run values. Pure: no files beyond what was
+loaded, no torch.
 """
 
 from __future__ import annotations
@@ -13,16 +19,30 @@ from __future__ import annotations
 from typing import Any
 
 from cnnscale.records.run import Run
-from cnnscale.report.load import pick_interconnect, run_model, run_params, run_world_size, settings_label
+from cnnscale.records.stats import median
+from cnnscale.report.load import (
+    pick_interconnect,
+    run_model,
+    run_params,
+    run_status,
+    run_world_size,
+    settings_label,
+    status_note,
+)
+from cnnscale.report.points import INTERVAL_FIGURES, collapse
 from cnnscale.scaling import model as scaling
 
-__all__ = ["aggregate", "collapse_repeats", "group_key", "COLUMNS", "PHASES"]
+__all__ = ["aggregate", "run_rows", "group_key", "identity", "COLUMNS", "PHASES"]
 
 COLUMNS = ("model", "settings", "precision", "scaling", "world_size", "num_nodes", "micro_batch", "grad_accum",
            "global_batch", "status", "img_per_s", "speedup", "efficiency", "pred_efficiency", "pred_error_pts",
            "step_ms", "sync_share", "peak_mem_bytes", "mem_kind", "util_pct", "util_kind", "mfu", "final_loss",
            "test_acc", "interconnect", "error", "run", "data_share", "compute_share", "optim_share", "comm_share",
-           "step_s", "repeats", "eff_min", "eff_max", "test_loss", "steps", "params", "comm_hook")
+           "step_s", "repeats", "test_loss", "steps", "params", "comm_hook",
+           *(f"{k}_{b}" for k in INTERVAL_FIGURES for b in ("lo", "hi")), "interval", "within_noise", "suspect")
+"""The export columns: one row per point; ``<figure>_lo``/``_hi`` bound the figures of :data:`INTERVAL_FIGURES`
+(null when the point ran once), ``interval`` says how (min-max, bootstrap95), ``suspect`` maps a figure to the
+reason it is suspect."""
 
 PHASES = ("data", "compute", "comm", "optim")
 """The step-time split: data wait, forward+backward (sync excluded), exposed gradient all-reduce, optimiser."""
@@ -50,6 +70,19 @@ def _sort_key(row: dict[str, Any]) -> tuple:
             row["run"])
 
 
+def identity(run: Run) -> str | None:
+    """The study point a run repeats: point.json's ``point_id``, else its ``id`` less a repeat's ``-r<k>``; None
+    outside a study."""
+    p = run.point
+    if p is None:
+        return None
+    pid = getattr(p, "point_id", None)
+    if pid:
+        return pid
+    suffix = f"-r{p.repeat}"
+    return p.id[: -len(suffix)] if p.repeat and p.id.endswith(suffix) else p.id
+
+
 def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
@@ -62,22 +95,24 @@ def _base_row(run: Run) -> dict[str, Any]:
     gpu = get("max_memory_allocated_bytes") is not None
     util = get("gpu_util_pct_mean")
     failed_point = p is not None and p.status != "ok"
+    status = run_status(run)
+    error = pget("error") if failed_point else _first(get("error"), pget("error"))
     return {
         "model": run_model(run), "settings": settings_label(run),
         "precision": _first(get("mixed_precision"), pget("precision")) or "no",
         "scaling": pget("scaling") or "weak", "world_size": run_world_size(run), "num_nodes": env.num_nodes or 1,
         "micro_batch": _first(get("micro_batch"), pget("micro_batch")),
         "grad_accum": _first(get("grad_accum"), pget("grad_accum")) or 1,
-        "global_batch": _first(get("global_batch"), pget("global_batch")), "status": run.status,
+        "global_batch": _first(get("global_batch"), pget("global_batch")), "status": status,
         "img_per_s": get("img_per_s"), "step_ms": get("step_ms_p50"), "sync_share": get("sync_share"),
         "peak_mem_bytes": get("max_memory_allocated_bytes") if gpu else get("peak_rss_bytes"),
         "mem_kind": "gpu" if gpu else "rss", "util_pct": util if util is not None else get("cpu_percent"),
         "util_kind": "gpu" if util is not None else "cpu", "mfu": get("mfu"), "final_loss": get("final_loss"),
-        "test_acc": get("test_acc"), "error": pget("error") if failed_point else _first(get("error"), pget("error")),
+        "test_acc": get("test_acc"), "error": error if error is not None else status_note(run, status),
         "run": run.path, "speedup": None, "efficiency": None, "pred_efficiency": None, "pred_error_pts": None,
         "interconnect": None, "pred_calibrated": False, "test_loss": get("test_loss"), "steps": get("steps"),
         "params": run_params(run), "comm_hook": (run.config.get("dist") or {}).get("comm_hook", "none"),
-        "repeat": p.repeat if p is not None else 0, "repeats": 1, "eff_min": None, "eff_max": None, "step_s": None,
+        "repeat": p.repeat if p is not None else 0, "identity": identity(run), "repeats": 1, "step_s": None,
         **_split(s),
     }
 
@@ -100,12 +135,13 @@ def _coloc_key(row: dict[str, Any]) -> tuple:
     return row["model"], row["precision"], row["micro_batch"], row["grad_accum"], row["world_size"]
 
 
-def _colocated_steps(pairs: list[tuple[dict[str, Any], Run]]) -> dict[tuple, float]:
-    """Step time (s) of ``dist.compute_only`` calibration runs: N processes sharing the machine, no all-reduce."""
-    out = {}
+def _colocated_steps(pairs: list[tuple[dict[str, Any], Run]]) -> dict[tuple, dict[int, float]]:
+    """Step time (s) of ``dist.compute_only`` calibration runs by repeat: N processes sharing the machine, no
+    all-reduce."""
+    out: dict[tuple, dict[int, float]] = {}
     for row, run in pairs:
-        if row["status"] == "ok" and row["img_per_s"] and (run.config.get("dist") or {}).get("compute_only"):
-            out[_coloc_key(row)] = row["global_batch"] / row["img_per_s"]
+        if row["status"] == "ok" and row["step_s"] and (run.config.get("dist") or {}).get("compute_only"):
+            out.setdefault(_coloc_key(row), {}).setdefault(row["repeat"], row["step_s"])
     return out
 
 
@@ -118,7 +154,7 @@ def _predict(run: Run, params: int, base: dict[str, Any], row: dict[str, Any], i
     nbytes = scaling.grad_bytes(params, dist.get("comm_hook", "none"))
     bucket = float(dist.get("bucket_mb", 25))
     ipw0 = base["micro_batch"] * base["grad_accum"]
-    step0 = base["global_batch"] / base["img_per_s"]
+    step0 = base["step_s"]
     # Per-image compute: N0's step time less the communication the model says it exposed there.
     exposed0 = scaling.step_time_s(step0, nbytes, base["world_size"], ic, bucket) - step0
     per_img = max(step0 - exposed0, 0.01 * step0) / ipw0
@@ -131,74 +167,83 @@ def _predict(run: Run, params: int, base: dict[str, Any], row: dict[str, Any], i
     return tput(n, row["micro_batch"] * row["grad_accum"]) * n0 / (n * tput(n0, ipw0))
 
 
-def _baselines(pairs: list[tuple[dict[str, Any], Run]]) -> dict[tuple, dict[str, Any]]:
-    bases: dict[tuple, dict[str, Any]] = {}
+def _step_s(row: dict[str, Any]) -> float | None:
+    """Seconds per optimiser step: the global batch over the throughput."""
+    batch = row["global_batch"]
+    if batch is None and row["micro_batch"] is not None:
+        batch = row["micro_batch"] * row["grad_accum"] * row["world_size"]
+    return batch / row["img_per_s"] if batch and row["img_per_s"] else None
+
+
+def _baselines(pairs: list[tuple[dict[str, Any], Run]]) -> dict[tuple, dict[Any, dict[str, Any]]]:
+    """Per curve: its baseline runs (the smallest N) by repeat index, and under ``None`` the median one of them."""
+    runs: dict[tuple, list[dict[str, Any]]] = {}
     for row, _ in pairs:
         if row["status"] == "ok" and row["img_per_s"] and "compute_only" not in row["settings"]:
-            key = group_key(row)
-            if key not in bases or row["world_size"] < bases[key]["world_size"]:
-                bases[key] = row
+            same = runs.setdefault(group_key(row), [])
+            if same and row["world_size"] < same[0]["world_size"]:
+                same.clear()
+            if not same or row["world_size"] == same[0]["world_size"]:
+                same.append(row)
+    bases: dict[tuple, dict[Any, dict[str, Any]]] = {}
+    for key, same in runs.items():
+        by_repeat: dict[Any, dict[str, Any]] = {}
+        for row in same:
+            by_repeat.setdefault(row["repeat"], row)
+        ranked = sorted(same, key=lambda r: r["img_per_s"])
+        bases[key] = {**by_repeat, None: ranked[(len(ranked) - 1) // 2]}
     return bases
+
+
+def _fill(row: dict[str, Any], run: Run, base: dict[str, Any], coloc: dict[tuple, dict[int, float]],
+          ic: scaling.Interconnect | None, warnings: list[str] | None) -> None:
+    """Speedup, efficiency and the prediction of one ok run against its baseline run ``base``."""
+    row["speedup"] = row["img_per_s"] / base["img_per_s"]
+    row["efficiency"] = row["speedup"] * base["world_size"] / row["world_size"]
+    if row["world_size"] <= base["world_size"] or "compute_only" in row["settings"]:
+        return
+    params = run_params(run)
+    why = ("its records state no parameter count" if params is None else
+           "its records or its baseline's state no micro-batch" if None in (row["micro_batch"], base["micro_batch"])
+           else None)
+    if why or ic is None or not base["step_s"]:
+        if why and warnings is not None:
+            warnings.append(f"{run.path}: {why}; pred n/a")
+        return
+    row["interconnect"] = ic.name
+    calib = coloc.get(_coloc_key(row))
+    step = (calib.get(row["repeat"]) or median(list(calib.values()))) if calib else None
+    row["pred_efficiency"] = _predict(run, params, base, row, ic, step)
+    row["pred_calibrated"] = step is not None
+    row["pred_error_pts"] = 100 * (row["pred_efficiency"] - row["efficiency"])
+
+
+def run_rows(runs: list[Run], fits: dict[str, dict[str, Any]] | None = None, interconnect: str | None = None,
+             warnings: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per run (see :data:`COLUMNS`), sorted, with speedup, efficiency and the prediction against the
+    baseline run of the same repeat index."""
+    pairs = sorted(((_base_row(r), r) for r in runs), key=lambda p: _sort_key(p[0]))
+    for row, _ in pairs:
+        if row["status"] == "ok" and row["img_per_s"]:
+            row["step_s"] = _step_s(row)
+    coloc = _colocated_steps(pairs)
+    bases = _baselines(pairs)
+    for row, run in pairs:
+        base_runs = bases.get(_base_key(row))
+        if row["status"] != "ok" or not row["img_per_s"] or base_runs is None:
+            continue
+        base = base_runs.get(row["repeat"]) or base_runs[None]
+        ic = pick_interconnect(run, fits or {}, interconnect) if row["world_size"] > base["world_size"] else None
+        _fill(row, run, base, coloc, ic, warnings)
+    return [row for row, _ in pairs]
 
 
 def aggregate(runs: list[Run], fits: dict[str, dict[str, Any]] | None = None, interconnect: str | None = None,
               warnings: list[str] | None = None) -> list[dict[str, Any]]:
-    """Flat rows (see :data:`COLUMNS`), sorted, with speedup, efficiency and the model's prediction filled in.
+    """One row per point (see :data:`COLUMNS` and :mod:`cnnscale.report.points`), sorted: each figure the median
+    over the point's repeats with its interval, the suspect figures named.
 
-    A run whose records do not state its parameter count gets no prediction, and one line in ``warnings``.
+    A run whose records do not state its parameter count (or micro-batch) gets no prediction, and one line in
+    ``warnings``.
     """
-    pairs = sorted(((_base_row(r), r) for r in runs), key=lambda p: _sort_key(p[0]))
-    coloc = _colocated_steps(pairs)
-    bases = _baselines(pairs)
-    for row, run in pairs:
-        base = bases.get(_base_key(row))
-        if row["status"] != "ok" or not row["img_per_s"] or base is None:
-            continue
-        row["step_s"] = row["micro_batch"] * row["grad_accum"] * row["world_size"] / row["img_per_s"]
-        row["speedup"] = row["img_per_s"] / base["img_per_s"]
-        row["efficiency"] = row["speedup"] * base["world_size"] / row["world_size"]
-        if row["world_size"] <= base["world_size"] or "compute_only" in row["settings"]:
-            continue
-        params = run_params(run)
-        if params is None:
-            if warnings is not None:
-                warnings.append(f"{run.path}: its records state no parameter count; pred n/a")
-            continue
-        ic = pick_interconnect(run, fits or {}, interconnect)
-        row["interconnect"] = ic.name
-        calib = coloc.get(_coloc_key(row))
-        row["pred_efficiency"] = _predict(run, params, base, row, ic, calib)
-        row["pred_calibrated"] = calib is not None
-        row["pred_error_pts"] = 100 * (row["pred_efficiency"] - row["efficiency"])
-    return _repeats([row for row, _ in pairs])
-
-
-def _repeat_key(row: dict[str, Any]) -> tuple:
-    return *group_key(row), row["world_size"]
-
-
-def _repeats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Fill ``repeats``, ``eff_min`` and ``eff_max`` of each ok row from the rows that repeat its point."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for row in rows:
-        if row["efficiency"] is not None:
-            groups.setdefault(_repeat_key(row), []).append(row)
-    for same in groups.values():
-        effs = [r["efficiency"] for r in same]
-        for r in same:
-            r.update(repeats=len(same), eff_min=min(effs), eff_max=max(effs))
-    return rows
-
-
-def collapse_repeats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per point for display: of repeated runs of a point, the one with the median efficiency (the lower
-    middle one for an even count), which carries the repeats' ``eff_min``/``eff_max``; order kept."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for row in rows:
-        if row["repeats"] > 1:
-            groups.setdefault(_repeat_key(row), []).append(row)
-    keep = set()
-    for same in groups.values():
-        ranked = sorted(same, key=lambda r: r["efficiency"])
-        keep.add(id(ranked[(len(ranked) - 1) // 2]))
-    return [r for r in rows if r["repeats"] <= 1 or id(r) in keep]
+    return collapse(run_rows(runs, fits, interconnect, warnings))

@@ -18,22 +18,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from cnnscale.records.run import Run
-from cnnscale.report.aggregate import collapse_repeats
 from cnnscale.scaling.memory import memory_rows
 
-__all__ = ["Column", "TableSpec", "table_specs", "variant_label", "display_rows", "memory_table", "fmt", "rate"]
+__all__ = ["Column", "TableSpec", "table_specs", "variant_label", "display_rows", "memory_table", "fmt", "rate",
+           "footnotes", "SUSPECT"]
+
+SUSPECT = "suspect"
+"""The cell of a figure that a rule of :mod:`cnnscale.records.checks` rejects; a footnote under the table says why."""
 
 Cell = Callable[[dict[str, Any]], str]
 
 
 @dataclass(frozen=True)
 class Column:
-    """One column: header (``\\n`` splits it over two lines), right-aligned unless ``left``, a cell function."""
+    """One column: header (``\\n`` splits it over two lines), right-aligned unless ``left``, a cell function;
+    ``key``: the row's figure it shows (for the suspect footnotes)."""
 
     header: str
     cell: Cell
     priority: int = 0
     left: bool = False
+    key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,11 +84,11 @@ def variant_label(row: dict[str, Any]) -> str:
 
 
 def display_rows(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any] | None]]:
-    """(label, row) per line: a model's name with None before its runs, then each run (repeats collapsed to the
-    median one) labelled by :func:`variant_label`, indented by two spaces."""
+    """(label, row) per line: a model's name with None before its points, then each point (a row of
+    :func:`cnnscale.report.aggregate.aggregate`) labelled by :func:`variant_label`, indented by two spaces."""
     out: list[tuple[str, dict[str, Any] | None]] = []
     last = None
-    for row in collapse_repeats(rows):
+    for row in rows:
         if row["model"] != last:
             out.append((row["model"], None))
             last = row["model"]
@@ -121,54 +126,90 @@ def _util_column(rows: list[dict[str, Any]]) -> Column:
     return _kind_column(rows, "util_pct", "util_kind", {"cpu": "CPU\n%", "gpu": "GPU\n%"}, "util\n%", ".0f", 1.0, 5)
 
 
+def _fig(key: str, show: Callable[[Any], str], na: str = "n/a") -> Cell:
+    """The figure ``key`` shown by ``show``; "suspect" when a rule rejects it, ``na`` when it is None."""
+    return lambda r: SUSPECT if key in r.get("suspect", {}) else (na if r[key] is None else show(r[key]))
+
+
+def _bounds(key: str, show: Callable[[Any], str]) -> Column:
+    """The interval column of figure ``key``: ``lo..hi``, empty for a point measured once or a suspect figure."""
+    def cell(r: dict[str, Any]) -> str:
+        lo, hi = r.get(f"{key}_lo"), r.get(f"{key}_hi")
+        return "" if lo is None or hi is None or key in r.get("suspect", {}) else f"{show(lo)}..{show(hi)}"
+    return Column("", cell, key=key)
+
+
+def _interval_head(rows: list[dict[str, Any]]) -> str:
+    kinds = {r["interval"] for r in rows if r.get("interval")}
+    return {frozenset({"min-max"}): "range", frozenset({"bootstrap95"}): "95% CI"}.get(frozenset(kinds), "interval")
+
+
 def _pred(r: dict[str, Any]) -> str:
-    return fmt(r["pred_efficiency"], ".2f", "") + ("*" if r.get("pred_calibrated") else "")
-
-
-def _range(r: dict[str, Any]) -> str:
-    if r["repeats"] <= 1 or r["eff_min"] is None:
-        return ""
-    return f"{r['eff_min']:.2f}-{r['eff_max']:.2f} ({r['repeats']})"
+    return (fmt(r["pred_efficiency"], ".2f", "") + ("*" if r.get("pred_calibrated") else "")
+            + ("~" if r.get("within_noise") else ""))
 
 
 def _status_or(cell: Cell) -> Cell:
-    """``cell`` for an ok row; a failed row shows its status in capitals instead."""
-    return lambda r: cell(r) if r["status"] == "ok" and r["img_per_s"] else r["status"].upper()
+    """``cell`` for an ok row; a row that did not end ok shows its status in capitals instead."""
+    return lambda r: cell(r) if r["status"] == "ok" else r["status"].upper()
+
+
+def _with(col: Column, header: str, priority: int) -> Column:
+    return Column(header, col.cell, priority, col.left, col.key)
 
 
 def _scaling(rows: list[dict[str, Any]]) -> TableSpec:
     ics = sorted({r["interconnect"] for r in rows if r["interconnect"]})
+    repeated = any(r["repeats"] > 1 for r in rows)
+    head = _interval_head(rows)
+    two = lambda x: f"{x:.2f}"  # noqa: E731
+    pts = lambda x: f"{x:+.1f}"  # noqa: E731
     cols = [Column("N", lambda r: str(r["world_size"])),
             Column("batch", lambda r: fmt(r["global_batch"], "d"), 4),
-            Column("img/s", _status_or(lambda r: rate(r["img_per_s"]))),
-            Column("speedup", lambda r: fmt(r["speedup"], ".2f", ""), 3),
-            Column("eff", lambda r: fmt(r["efficiency"], ".2f", ""))]
-    if any(r["repeats"] > 1 for r in rows):
-        cols.append(Column("eff range\n(repeats)", _range, 5))
-    cols += [Column("pred", _pred, 1), Column("err\npts", lambda r: fmt(r["pred_error_pts"], "+.1f", ""), 2)]
+            Column("img/s", _status_or(_fig("img_per_s", rate)), key="img_per_s")]
+    if repeated:
+        cols.append(_with(_bounds("img_per_s", rate), f"img/s\n{head}", 2))
+    cols += [Column("speedup", _fig("speedup", two, ""), 3, key="speedup"),
+             Column("eff", _fig("efficiency", two, ""), key="efficiency")]
+    if repeated:
+        cols += [_with(_bounds("efficiency", two), f"eff\n{head}", 1),
+                 Column("n", lambda r: str(r["repeats"]) if r["status"] == "ok" else "")]
+    cols += [Column("pred", _pred, 1), Column("err\npts", _fig("pred_error_pts", pts, ""), 2, key="pred_error_pts")]
+    if repeated:
+        cols.append(_with(_bounds("pred_error_pts", pts), f"err\n{head}", 6))
     caption = ("batch = global batch; eff = img/s(N) x N0 / (N x img/s(N0)), N0 = smallest N of the same model, "
                "precision, settings and per-worker batch; pred = scaling model (cnnscale/scaling/model.py)"
                + (f" on {', '.join(ics)}" if ics else "") + "; err = pred - eff in points")
     if any(r.get("pred_calibrated") for r in rows):
         caption += ("; pred* = compute time at N taken from the compute_only run (N processes sharing the machine, "
                     "no all-reduce), the model predicting the communication")
-    if any(r["repeats"] > 1 for r in rows):
-        caption += "; repeated points show the median run, the range over its repeats and their count"
+    if repeated:
+        caption += ("; every figure is the median over the point's n repeats, with its range (min..max) below 5 "
+                    "repeats and a bootstrap 95% interval of the median (95% CI) from 5 on; eff pairs repeat i at N "
+                    "with repeat i at N0, so its interval is the ratio's own; ~ = within noise: the prediction lies "
+                    "inside the measured interval")
     return TableSpec("scaling", "scaling", tuple(cols), caption + ".", failed_rows=True)
 
 
 def _resources(rows: list[dict[str, Any]]) -> TableSpec:
-    cols = (Column("N", lambda r: str(r["world_size"])), Column("step\nms", lambda r: _ms(r["step_ms"])),
-            Column("data\n%", lambda r: _pct(r["data_share"]), 3),
-            Column("compute\n%", lambda r: _pct(r["compute_share"]), 2),
-            Column("comm\n%", lambda r: _pct(r["comm_share"])),
-            Column("optim\n%", lambda r: _pct(r["optim_share"]), 3),
-            _mem_column(rows), _util_column(rows), Column("MFU\n%", lambda r: _pct(r["mfu"], 2), 1))
+    repeated = any(r["repeats"] > 1 for r in rows)
+    head = _interval_head(rows)
+    share = lambda x: _pct(x)  # noqa: E731
+    cols = [Column("N", lambda r: str(r["world_size"])), Column("step\nms", _fig("step_ms", _ms), key="step_ms")]
+    if repeated:
+        cols.append(_with(_bounds("step_ms", _ms), f"step ms\n{head}", 2))
+    cols += [Column("data\n%", _fig("data_share", share), 3, key="data_share"),
+             Column("compute\n%", _fig("compute_share", share), 2, key="compute_share"),
+             Column("comm\n%", _fig("comm_share", share), key="comm_share")]
+    if repeated:
+        cols.append(_with(_bounds("comm_share", share), f"comm %\n{head}", 2))
+    cols += [Column("optim\n%", _fig("optim_share", share), 3, key="optim_share"),
+             _mem_column(rows), _util_column(rows), Column("MFU\n%", _fig("mfu", lambda x: _pct(x, 2)), 1, key="mfu")]
     caption = ("step ms = median step; data / compute / comm / optim = share of the training time spent waiting for "
                "data, in forward+backward, in gradient all-reduce not hidden by the backward (measured by the "
                "no_sync probe), in the optimiser; memory = peak over ranks (RSS on CPU, allocator peak on GPU); "
                "util = CPU or GPU busy, not efficiency: MFU beside it.")
-    return TableSpec("resources", "resources", cols, caption)
+    return TableSpec("resources", "resources", tuple(cols), caption)
 
 
 def _training(rows: list[dict[str, Any]]) -> TableSpec:
@@ -183,6 +224,25 @@ def _training(rows: list[dict[str, Any]]) -> TableSpec:
 def table_specs(rows: list[dict[str, Any]]) -> list[TableSpec]:
     """The scaling, resources and training tables for ``rows`` (headers depend on what the rows measured)."""
     return [_scaling(rows), _resources(rows), _training(rows)]
+
+
+def footnotes(spec: TableSpec, rows: list[dict[str, Any]]) -> list[str]:
+    """One line per suspect figure that ``spec`` shows: which point, which figure, and the rule's reason."""
+    keys: dict[str, str] = {}
+    for c in spec.columns:  # the figure's own column, not its interval's (which comes after it)
+        if c.key:
+            keys.setdefault(c.key, c.header.replace("\n", " "))
+    out = []
+    for label, r in display_rows([r for r in rows if spec.failed_rows or r["status"] == "ok"]):
+        if r is None:
+            continue
+        by_reason: dict[str, list[str]] = {}
+        for key, why in (r.get("suspect") or {}).items():
+            if key in keys:
+                by_reason.setdefault(why, []).append(keys[key])
+        out += [f"{SUSPECT}: {r['model']} {label.strip()} N={r['world_size']}, {', '.join(heads)}: {why}"
+                for why, heads in by_reason.items()]
+    return out
 
 
 def memory_table(runs: list[Run]) -> list[dict[str, Any]]:

@@ -26,11 +26,13 @@ def _flat(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """One line per row, the columns of :data:`cnnscale.report.aggregate.COLUMNS`."""
+    """One line per row, the columns of :data:`cnnscale.report.aggregate.COLUMNS` (``suspect`` as
+    ``figure: reason; ...``, empty when none)."""
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=COLUMNS)
     w.writeheader()
-    w.writerows(_flat(rows))
+    w.writerows({**r, "suspect": "; ".join(f"{k}: {v}" for k, v in (r["suspect"] or {}).items())}
+                for r in _flat(rows))
     atomic_write_text(path, buf.getvalue(), mode=user_file_mode())
 
 

@@ -19,7 +19,7 @@ import yaml
 
 from cnnscale.records.io import atomic_write_text, user_file_mode
 from cnnscale.records.run import Run, load_run
-from cnnscale.report.columns import Column, TableSpec, display_rows, memory_table, table_specs
+from cnnscale.report.columns import SUSPECT, Column, TableSpec, display_rows, footnotes, memory_table, table_specs
 from cnnscale.report.tables import (
     MEMORY_CAPTION,
     MEMORY_HEADS,
@@ -51,7 +51,7 @@ td.failed { color: #b00020; font-weight: 600; }
 p.caption { color: #555; font-size: 0.9em; max-width: 60em; }
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 li { margin: 0.3em 0; } pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
-.warn { color: #8a6d00; } .err { color: #b00020; }
+.warn { color: #8a6d00; } .err { color: #b00020; } td.suspect, li.suspect { color: #8a6d00; font-style: italic; }
 """
 
 
@@ -68,7 +68,9 @@ def _cls(*names: str) -> str:
 def _td(col: Column, row: dict[str, Any]) -> str:
     text = col.cell(row)
     failed = row["status"] != "ok" and text.isupper()
-    return f"<td{_cls('left' if col.left else '', 'failed' if failed else '')}>{escape(text)}</td>"
+    flag = "suspect" if text == SUSPECT else ""
+    title = f' title="{escape(row["suspect"][col.key])}"' if flag and col.key in row.get("suspect", {}) else ""
+    return f"<td{_cls('left' if col.left else '', 'failed' if failed else '', flag)}{title}>{escape(text)}</td>"
 
 
 def _table(spec: TableSpec, rows: list[dict[str, Any]]) -> str:
@@ -81,9 +83,11 @@ def _table(spec: TableSpec, rows: list[dict[str, Any]]) -> str:
             continue
         cells = "".join(_td(c, r) for c in spec.columns)
         body.append(f'<tr><td class="left">{escape(label.strip())}</td>{cells}</tr>')
+    notes = "".join(f'<li class="suspect">{escape(n)}</li>' for n in footnotes(spec, rows))
     return (f'<h2>{escape(spec.title)}</h2>\n<table id="table-{spec.name}"><thead><tr><th class="left">model</th>'
             f"{heads}</tr></thead>\n<tbody>{''.join(body)}</tbody></table>\n"
-            f'<p class="caption">{escape(spec.caption)}</p>\n')
+            f'<p class="caption">{escape(spec.caption)}</p>\n'
+            + (f'<ul class="footnotes" id="suspect-{spec.name}">{notes}</ul>\n' if notes else ""))
 
 
 def _plain_table(table_id: str, title: str, caption: str, heads: list[tuple[str, bool, int]],

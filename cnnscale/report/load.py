@@ -13,10 +13,12 @@ from typing import Any
 
 from cnnscale.errors import UserError
 from cnnscale.records.io import read_json
-from cnnscale.records.run import Run, find_runs, load_run
+from cnnscale.records.run import Run, find_runs, liveness, load_run
+from cnnscale.report.lenient import read_leniently, sanitize
 from cnnscale.scaling import model as scaling
 
-__all__ = ["load_records", "settings_label", "find_fits", "pick_interconnect", "run_params", "run_train_flops",
+__all__ = ["load_records", "run_status", "status_note",
+           "settings_label", "find_fits", "pick_interconnect", "run_params", "run_train_flops",
            "run_model", "run_world_size", "ALLREDUCE_FIT", "CONFIG_KEYS"]
 
 ALLREDUCE_FIT = "allreduce.json"
@@ -37,27 +39,68 @@ def run_world_size(run: Run) -> int | None:
     return next((n for n in sizes if n is not None), None)
 
 
-def load_records(roots: list[str | Path]) -> tuple[list[Run], list[str]]:
-    """Every readable run under ``roots`` and a warning per skipped (corrupt or partial) directory.
+def run_status(run: Run) -> str:
+    """The run's status, with a ``running`` summary told apart: ``running`` while its owner lives, else ``dead``
+    (:func:`cnnscale.records.run.liveness`: the run's lock, pid and heartbeat)."""
+    status = run.status
+    return liveness(run.path) if status == "running" else status
 
-    max_batch search probes (point settings ``probe``) are not points of the study and are left out. A record from
-    a newer cnnscale raises UserError (this code cannot read it).
+
+def status_note(run: Run, status: str) -> str | None:
+    """One line on why a run that did not end ok has no figures (None for ok, or when its records say why)."""
+    s = run.summary
+    if status == "running":
+        return "still running: no figures yet"
+    if status == "dead":
+        return ("its process is gone and left no final status (killed, or its machine went down); resume it with "
+                f"--resume {run.path}")
+    if status == "preempted" and s is not None:
+        at = f" at step {s.steps}/{s.total_steps}" if s.steps is not None else ""
+        return f"stopped by {s.signal or 'a signal'}{at}" + (f"; resume with {s.resume}" if s.resume else "")
+    return None
+
+
+def _load(path: Path) -> tuple[Run | None, list[str]]:
+    """One run directory, never raising: the run and notes on what was odd or left out, or None and the warning
+    that says why it is skipped."""
+    try:
+        run, notes = load_run(path, config_keys=CONFIG_KEYS), []
+    except UserError as exc:  # a record from a newer cnnscale: none of its figures can be trusted
+        return None, [f"skipped {exc}"]
+    except (ValueError, OSError) as exc:  # a corrupt file or one odd value: keep what can be read
+        run, notes = read_leniently(path, CONFIG_KEYS)
+        if run is None:
+            return None, [f"skipped {exc}"]
+    run, more = sanitize(run)
+    notes += more
+    ws = run_world_size(run)
+    if run_model(run) is None or ws is None or ws < 1:
+        return None, [f"skipped {path}: " + "; ".join([*notes, "no model, or no world size of at least 1"])]
+    return run, notes
+
+
+def load_records(roots: list[str | Path]) -> tuple[list[Run], list[str]]:
+    """Every readable run under ``roots`` and a warning per skipped directory, or per odd value in a kept one.
+
+    Never raises on a record: a corrupt or partial directory, a value that does not fit its field (``"img_per_s":
+    "fast"``, NaN, ``"world_size": 0``) or a record from a newer cnnscale is one warning naming the run
+    (:mod:`cnnscale.report.lenient`). max_batch search probes (point settings ``probe``) are not points of the study
+    and are left out. UserError only when no run at all could be read.
     """
     runs, warns = [], []
     for path in find_runs(roots):
-        try:
-            run = load_run(path, config_keys=CONFIG_KEYS)
-        except ValueError as exc:
-            warns.append(f"skipped {exc}")
+        run, notes = _load(path)
+        if run is None:
+            warns += notes
             continue
-        if run_model(run) is None or run_world_size(run) is None:
-            warns.append(f"skipped {path}: summary.json lacks model/world_size")
-            continue
+        if notes:
+            warns.append(f"{path}: {'; '.join(notes)}")
         if run.point is not None and run.point.settings == "probe":
             continue
         runs.append(run)
     if not runs:
-        raise UserError(f"no runs found in {', '.join(map(str, roots))}")
+        why = f" ({len(warns)} skipped: {warns[0]})" if warns else ""
+        raise UserError(f"no runs found in {', '.join(map(str, roots))}{why}")
     return runs, warns
 
 

@@ -2,10 +2,11 @@
 
 Small multiples, one panel per model, so series never pile up in one axes:
 
-- ``efficiency.png``: measured efficiency against N per settings variant (the median over repeats, with min-max
-  error bars when a point was repeated), the scaling model's prediction for each row as a cross, and the model's
-  predicted curve (:func:`cnnscale.report.predict.predict_rows`) extrapolated to the largest N of ``--predict``;
-- ``throughput.png``: img/s against N with the ideal linear line dashed;
+- ``efficiency.png``: measured efficiency against N per settings variant (the median over repeats, with the
+  repeats' interval as error bars: min-max below 5 repeats, bootstrap 95% from 5; suspect figures not drawn), the
+  scaling model's prediction for each point as a cross, and the model's predicted curve
+  (:func:`cnnscale.report.predict.predict_rows`) extrapolated to the largest N of ``--predict``;
+- ``throughput.png``: img/s against N (error bars likewise) with the ideal linear line dashed;
 - ``breakdown.png``: the step time per model, N and variant, stacked: data wait, compute, exposed communication,
   optimiser (and what the profiler did not split, "other");
 - ``memory.png``: memory per rank by ZeRO stage where ZeRO runs exist, else the peak memory per model and N.
@@ -24,7 +25,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from cnnscale.report.aggregate import PHASES
+from cnnscale.report.aggregate import PHASES, group_key
 from cnnscale.report.columns import variant_label
 
 __all__ = ["write_plots", "figures", "png_bytes", "plot_throughput", "plot_efficiency", "plot_breakdown",
@@ -39,7 +40,8 @@ _PHASE_NAMES = {"data": "data wait", "compute": "compute (fwd+bwd)", "comm": "ex
 
 
 def _ok(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-    return [r for r in rows if r["status"] == "ok" and r.get(key) is not None]
+    """Ok rows that measured ``key``, suspect figures left out (they are never drawn as fact)."""
+    return [r for r in rows if r["status"] == "ok" and r.get(key) is not None and key not in r.get("suspect", {})]
 
 
 def _label(r: dict[str, Any]) -> str:
@@ -47,12 +49,36 @@ def _label(r: dict[str, Any]) -> str:
     return label + (f" G={r['global_batch']}" if r["scaling"] == "strong" else "")
 
 
-def _series(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, dict[int, list[float]]]]:
-    """model -> series label -> N -> values (several when the point was repeated)."""
-    out: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for r in _ok(rows, key):
-        out[r["model"]][_label(r)][r["world_size"]].append(float(r[key]))
+def _series(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
+    """model -> series label -> N -> the point row. A series is one curve (:func:`group_key`): a variant measured
+    at several per-worker batches gets a series per batch, labelled with it (``b=64``)."""
+    ok = _ok(rows, key)
+    batches: dict[tuple, set] = defaultdict(set)
+    for r in ok:
+        batches[r["model"], _label(r)].add(group_key(r)[4])
+    out: dict[str, dict[str, dict[int, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
+    for r in ok:
+        label = _label(r)
+        if len(batches[r["model"], label]) > 1:
+            label += f" b={group_key(r)[4] or 'n/a'}"
+        out[r["model"]][label].setdefault(r["world_size"], r)
     return out
+
+
+def _errors(points: list[dict[str, Any]], key: str) -> list[list[float]] | None:
+    """matplotlib's yerr (below, above) from the points' ``_lo``/``_hi`` bounds; None when none has an interval."""
+    if all(p.get(f"{key}_lo") is None for p in points):
+        return None
+    below = [p[key] - p[f"{key}_lo"] if p.get(f"{key}_lo") is not None else 0.0 for p in points]
+    above = [p[f"{key}_hi"] - p[key] if p.get(f"{key}_hi") is not None else 0.0 for p in points]
+    return [below, above]
+
+
+def _suspect_note(ax: Any, rows: list[dict[str, Any]], model: str, key: str) -> None:
+    n = sum(1 for r in rows if r["model"] == model and key in r.get("suspect", {}))
+    if n:
+        ax.text(0.02, 0.02, f"{n} suspect figure{'s' if n > 1 else ''} not drawn (see the report)",
+                transform=ax.transAxes, fontsize=7, color="#b00020")
 
 
 def _panels(n: int, title: str) -> tuple[Figure, list[Any]]:
@@ -77,30 +103,24 @@ def _workers_axis(ax: Any, sizes: set[int]) -> None:
         ax.minorticks_off()
 
 
-def _median(v: list[float]) -> float:
-    s = sorted(v)
-    m = len(s) // 2
-    return s[m] if len(s) % 2 else (s[m - 1] + s[m]) / 2
-
-
 def plot_efficiency(rows: list[dict[str, Any]], curves: dict[str, dict[int, float]] | None = None) -> Figure:
     """Efficiency against N, a panel per model (see the module docstring)."""
     eff, pred = _series(rows, "efficiency"), _series(rows, "pred_efficiency")
     models = sorted(set(eff) | set(curves or {}))
-    fig, axes = _panels(len(models), "Scaling efficiency: measured (markers, min-max over repeats), "
-                        "scaling model (x: per run, line: extrapolated)")
+    fig, axes = _panels(len(models), "Scaling efficiency: measured (median, bars: the repeats' interval), "
+                        "scaling model (x: per point, line: extrapolated)")
     for ax, model in zip(axes, models):
         sizes: set[int] = set()
         for label, by_n in sorted(eff.get(model, {}).items()):
             xs = sorted(by_n)
-            ys = [_median(by_n[n]) for n in xs]
-            err = [[y - min(by_n[n]) for n, y in zip(xs, ys)], [max(by_n[n]) - y for n, y in zip(xs, ys)]]
-            line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+            points = [by_n[n] for n in xs]
+            line = ax.errorbar(xs, [p["efficiency"] for p in points], yerr=_errors(points, "efficiency"), marker="o",
+                               capsize=3, label=label)
             sizes.update(xs)
             p = pred.get(model, {}).get(label)
             if p:
-                ax.plot(sorted(p), [_median(p[n]) for n in sorted(p)], linestyle="none", marker="x", markersize=9,
-                        color=line[0].get_color())
+                ax.plot(sorted(p), [p[n]["pred_efficiency"] for n in sorted(p)], linestyle="none", marker="x",
+                        markersize=9, color=line[0].get_color())
         curve = (curves or {}).get(model)
         if curve:
             ax.plot(sorted(curve), [curve[n] for n in sorted(curve)], color="black", linewidth=1.2, alpha=0.7,
@@ -109,23 +129,27 @@ def plot_efficiency(rows: list[dict[str, Any]], curves: dict[str, dict[int, floa
         ax.axhline(1.0, color="grey", linewidth=0.6)
         ax.set_ylim(0, 1.15)
         _workers_axis(ax, sizes)
+        _suspect_note(ax, rows, model, "efficiency")
         _style(ax, model, "workers (N)", "efficiency")
     return fig
 
 
 def plot_throughput(rows: list[dict[str, Any]]) -> Figure:
-    """img/s against N, a panel per model, each series' ideal (linear from its smallest N) dashed."""
+    """img/s against N (median, bars: the repeats' interval), a panel per model, each series' ideal (linear from
+    its smallest N) dashed."""
     tput = _series(rows, "img_per_s")
-    fig, axes = _panels(len(tput), "Throughput against workers (dashed: ideal linear scaling)")
+    fig, axes = _panels(len(tput), "Throughput against workers (bars: the repeats' interval; dashed: ideal linear)")
     for ax, model in zip(axes, sorted(tput)):
         sizes: set[int] = set()
         for label, by_n in sorted(tput[model].items()):
             xs = sorted(by_n)
-            ys = [_median(by_n[n]) for n in xs]
-            (line,) = ax.plot(xs, ys, marker="o", label=label)
-            ax.plot(xs, [ys[0] * x / xs[0] for x in xs], linestyle="--", color=line.get_color(), alpha=0.5)
+            points = [by_n[n] for n in xs]
+            ys = [p["img_per_s"] for p in points]
+            line = ax.errorbar(xs, ys, yerr=_errors(points, "img_per_s"), marker="o", capsize=3, label=label)
+            ax.plot(xs, [ys[0] * x / xs[0] for x in xs], linestyle="--", color=line[0].get_color(), alpha=0.5)
             sizes.update(xs)
         _workers_axis(ax, sizes)
+        _suspect_note(ax, rows, model, "img_per_s")
         _style(ax, model, "workers (N)", "images / s")
     return fig
 
@@ -190,8 +214,8 @@ def plot_memory(rows: list[dict[str, Any]], zero_rows: list[dict[str, Any]] | No
     what = "GPU allocator peak" if kinds == {"gpu"} else "peak RSS per process" if kinds == {"rss"} else "peak"
     fig, axes = _panels(len(mem), f"Peak memory per model ({what}, max over ranks)")
     for ax, model in zip(axes, sorted(mem)):
-        bars = [(f"N={n}\n{label}", _median(v)) for label, by_n in sorted(mem[model].items())
-                for n, v in sorted(by_n.items())]
+        bars = [(f"N={n}\n{label}", p["peak_mem_bytes"]) for label, by_n in sorted(mem[model].items())
+                for n, p in sorted(by_n.items())]
         ax.bar(range(len(bars)), [v / 1e9 for _, v in bars], color="#7570b3", width=0.6)
         ax.set_xticks(range(len(bars)), [b for b, _ in bars], fontsize=7)
         _style(ax, model, "", "GB", legend=False)

@@ -24,11 +24,13 @@ PREDICT_AT = (2, 8, 64, 1024)
 
 
 def _baselines(runs: list[Run], rows: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any], Run]]:
-    """Per model: the ok row at the smallest world size, preferring default settings and fp32."""
+    """Per model: the ok row at the smallest world size, preferring default settings and fp32 (rows that lack the
+    batch or the step time, or whose throughput is suspect, cannot be a baseline)."""
     by_path = {r.path: r for r in runs}
     best: dict[str, tuple[tuple, dict[str, Any], Run]] = {}
     for row in rows:
-        if row["status"] != "ok" or not row["img_per_s"]:
+        if (row["status"] != "ok" or not row["img_per_s"] or row["micro_batch"] is None or not row["step_s"]
+                or "img_per_s" in row.get("suspect", {})):
             continue
         rank = (row["settings"] != "default", row["precision"] != "no", row["world_size"])
         if row["model"] not in best or rank < best[row["model"]][0]:
@@ -45,7 +47,7 @@ def _predict_row(model: str, row: dict[str, Any], ic: scaling.Interconnect, para
     if tflops:
         compute = flops_step / (tflops * 1e12) if flops_step is not None else None
     else:
-        step0 = row["global_batch"] / row["img_per_s"]
+        step0 = row["step_s"]
         compute = step0 - (scaling.step_time_s(step0, nbytes, row["world_size"], ic) - step0)
     preds = {n: scaling.predict_efficiency(compute, nbytes, n, ic) if compute is not None else None
              for n in PREDICT_AT}

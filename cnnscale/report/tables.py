@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from cnnscale.records.run import Run
-from cnnscale.report.columns import Column, TableSpec, display_rows, fmt, memory_table, table_specs
+from cnnscale.report.columns import Column, TableSpec, display_rows, fmt, footnotes, memory_table, table_specs
 from cnnscale.report.predict import PREDICT_AT
 from cnnscale.report.verdicts import Verdict, verdicts
 
@@ -64,10 +64,11 @@ def _lines(heads: list[tuple[str, bool, int]], cells: list[list[str]], keep: lis
 
 
 def fit_table(console: Console, title: str, caption: str, heads: list[tuple[str, bool, int]],
-              cells: list[list[str]]) -> None:
+              cells: list[list[str]], notes: list[str] | None = None) -> None:
     """Print ``title``, a table of ``cells`` under ``heads`` (header with ``\\n`` for two lines, left-aligned,
-    priority) that fits ``console.width``, and its caption as a paragraph. Columns are dropped, highest priority
-    number first (0: never), until the table fits; the caption names what was dropped. Cells never wrap and are
+    priority) that fits ``console.width``, its caption as a paragraph and ``notes`` (footnotes), a line each.
+    Columns are dropped, highest priority number first (0: never), until the table fits; the caption names what was
+    dropped. Cells never wrap and are
     never cut, so numbers stay whole; a table whose never-dropped columns alone are too wide runs past the edge.
 
     Laid out here rather than by rich's Table: measuring 1,000 rows of cells through rich costs seconds; this costs
@@ -87,6 +88,8 @@ def fit_table(console: Console, title: str, caption: str, heads: list[tuple[str,
     console.print(title, style="bold", highlight=False)
     console.print(_lines(heads, cells, keep, widths), soft_wrap=True, highlight=False)
     console.print(caption, style="dim", highlight=False)
+    for note in notes or []:
+        console.print(note, style="yellow", highlight=False)
     console.print()
 
 
@@ -97,7 +100,7 @@ def render_table(spec: TableSpec, rows: list[dict[str, Any]], console: Console) 
     cols: list[Column] = list(spec.columns)
     heads = [("model", True, 0)] + [(c.header, c.left, c.priority) for c in cols]
     cells = [[label] + (["" for _ in cols] if r is None else [c.cell(r) for c in cols]) for label, r in lines]
-    fit_table(console, spec.title, spec.caption, heads, cells)
+    fit_table(console, spec.title, spec.caption, heads, cells, footnotes(spec, rows))
 
 
 def render_verdicts(found: list[Verdict], console: Console) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cnnscale.report.aggregate import collapse_repeats, group_key
+from cnnscale.report.aggregate import group_key
 from cnnscale.scaling.model import grad_bytes
 
 __all__ = ["Verdict", "verdicts"]
@@ -112,12 +112,12 @@ def _clauses(parts: dict[str, float], comm_key: str, comm_clause: str, digits: i
 
 def _settings(rows: list[dict[str, Any]], primary: list[dict[str, Any]]) -> dict[str, tuple[float, str]]:
     """Per other settings variant: points gained at the largest N it shares with the default curve, and a phrase."""
-    by_n = {r["world_size"]: r for r in collapse_repeats(primary) if r["efficiency"] is not None}
+    by_n = {r["world_size"]: r for r in primary if r["efficiency"] is not None}
     out: dict[str, tuple[float, str]] = {}
     variants = sorted({r["settings"] for r in rows if r["settings"] != "default"
                        and not any(s in r["settings"] for s in _SKIP)})
     for name in variants:
-        mine = [r for r in collapse_repeats(rows) if r["settings"] == name and _ok(r)
+        mine = [r for r in rows if r["settings"] == name and _ok(r) and "efficiency" not in r.get("suspect", {})
                 and r["efficiency"] is not None and r["world_size"] in by_n and r["world_size"] > min(by_n)]
         if not mine:
             continue
@@ -131,6 +131,15 @@ def _settings(rows: list[dict[str, Any]], primary: list[dict[str, Any]]) -> dict
     return out
 
 
+def _spread(row: dict[str, Any]) -> str:
+    """", 0.74..0.87 over 3 repeats" for a repeated point; nothing for one measured once."""
+    lo, hi = row.get("efficiency_lo"), row.get("efficiency_hi")
+    if lo is None or hi is None:
+        return ""
+    what = "95% CI " if row.get("interval") == "bootstrap95" else ""
+    return f", {what}{lo:.2f}..{hi:.2f} over {row['repeats']} repeats"
+
+
 def _one(model: str, precision: str, rows: list[dict[str, Any]]) -> Verdict:
     name = model if precision == "no" else f"{model} ({precision})"
     curve = _primary(rows)
@@ -141,7 +150,11 @@ def _one(model: str, precision: str, rows: list[dict[str, Any]]) -> Verdict:
         what = f"only N={n} measured" if n is not None else "no run succeeded"
         text = f"{name}: {what}" + (f" ({fails})" if fails else "") + "; no scaling to explain."
         return Verdict(model, precision, n, None, None, text=text)
-    top = collapse_repeats(curve)[-1] if curve[-1]["repeats"] > 1 else curve[-1]
+    top = curve[-1]
+    why = (top.get("suspect") or {}).get("efficiency")
+    if why:
+        text = f"{name}: its efficiency at N={top['world_size']} is suspect ({why}); no scaling to explain."
+        return Verdict(model, precision, top["world_size"], None, None, text=text)
     base = curve[0]
     lost = 100 * (1 - top["efficiency"])
     digits = 0 if abs(lost) >= 10 else 1
@@ -152,7 +165,7 @@ def _one(model: str, precision: str, rows: list[dict[str, Any]]) -> Verdict:
         comm_key = next(k for k in parts if "communication" in k)
         co = _compute_only(rows, top)
         head = (f"{name} loses {lost:.{digits}f} points at N={top['world_size']} against N={base['world_size']} "
-                f"(efficiency {top['efficiency']:.2f}): "
+                f"(efficiency {top['efficiency']:.2f}{_spread(top)}): "
                 + _clauses(parts, comm_key, comm_clause, digits, co["efficiency"] if co else None))
     text = head + (f"; {fails}" if fails else "") + "."
     settings = _settings(rows, curve)

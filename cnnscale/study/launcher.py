@@ -1,8 +1,10 @@
 """Running one study point as a real multi-process launch, and classifying how it ended.
 
 A *backend* turns a point's argument list into an :class:`Outcome`. :class:`LocalBackend` starts the launcher as a
-subprocess in its own process group (argument list, never a shell), with a per-point timeout that kills the whole
-group. Other backends (SLURM) implement the same ``run`` method and are registered in :data:`BACKENDS`.
+subprocess in its own session and process group (argument list, never a shell), in the study's own working
+directory, with a per-point timeout that ends the whole group; the launcher also gets SIGTERM if the study dies
+(:mod:`cnnscale.study.stop`). Other backends (SLURM) implement the same ``run`` method and are registered in
+:data:`BACKENDS`.
 
 A launch *target* is a module of the installed package (``cnnscale.train``, started with ``-m``), or a script path
 (a name ending in ``.py``). Nothing here depends on where the package was installed from.
@@ -37,6 +39,7 @@ from typing import Protocol
 
 from cnnscale.errors import UserError
 from cnnscale.profile.gpus import visible_gpus
+from cnnscale.study.stop import die_with_parent
 
 __all__ = ["ACCELERATE_DEFAULTS", "check_gpu_world_sizes", "Outcome", "Backend", "LocalBackend", "BACKENDS",
            "build_command", "classify_failure", "free_port", "LAUNCHERS", "TRAIN_MODULE", "is_script", "target_argv",
@@ -162,7 +165,8 @@ def classify_failure(returncode: int | None, log_text: str, timed_out: bool = Fa
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+    """SIGTERM to the point's group (the ranks stop at the next step with a checkpoint), SIGKILL after 20 s."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -186,14 +190,15 @@ class LocalBackend:
         with open(log_path, "w") as log:
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)  # own process group: a timeout kills every rank
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+                                    start_new_session=True,  # own process group: a timeout ends every rank
+                                    preexec_fn=die_with_parent)  # SIGTERM to the launcher if the study dies
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
                 _kill_group(proc)
-            except BaseException:  # Ctrl-C: the ranks are in their own session and would not see it
+            except BaseException:  # Ctrl-C, StudyStopped: the ranks are in their own session and would not see it
                 _kill_group(proc)
                 raise
         text = log_path.read_text(errors="replace")

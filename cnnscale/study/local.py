@@ -1,10 +1,13 @@
 """The local study runner: every point of a study's matrix as a real multi-process launch on this machine.
 
-Each point writes one run directory ``OUT/<point id>/``: the trainer's records, ``launch.log``, and the study's
-``point.json`` (:mod:`cnnscale.study.outcome`). Points already done (point.json and summary.json both ok at the
-right world size) are skipped, so a study resumes where it stopped. A point that fails is recorded with status
-failed | oom | timeout and its error line, and the study goes on. Model names are checked by the trainer, inside
-the point, so a bad name is a failed point with the trainer's one-line error.
+Each point writes one run directory ``OUT/<point id>/`` (``OUT/<point id>-r<k>/`` for its repeat k >= 1): the
+trainer's records, ``launch.log``, and the study's ``point.json`` (:mod:`cnnscale.study.outcome`). Points already
+done (point.json and summary.json both ok at the right world size) are skipped, so a study resumes where it stopped;
+a point stopped half-way (a checkpoint, but no ok record) carries on from its checkpoint (``--resume``). A point that
+fails is recorded with status failed | oom | timeout | diverged and its error line, and the study goes on. Points
+run in the study's working directory, with absolute run directories, so a study works from any directory. Model
+names are checked by the trainer, inside the point, so a bad name is a failed point with the trainer's one-line
+error.
 
 Before the matrix: an optional max_batch search (the largest micro-batch per model that fits, by halving on
 out-of-memory), and an all-reduce benchmark (:mod:`cnnscale.study.allreduce_bench`) that fits the "measured"
@@ -14,6 +17,7 @@ interconnect into ``OUT/allreduce.json``. Nothing here imports torch: the launch
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from cnnscale.errors import UserError
 from cnnscale.records import io as records
 from cnnscale.study.launcher import (
     BACKENDS,
+    TRAIN_MODULE,
     Backend,
     build_command,
     check_gpu_world_sizes,
@@ -29,27 +34,38 @@ from cnnscale.study.launcher import (
     port_in_use,
 )
 from cnnscale.study.matrix import Point, check_targets, expand, point_args
-from cnnscale.study.outcome import PointRecord, read_done, record_point, run_summary
+from cnnscale.study.outcome import PointRecord, read_done, record_point, resumable, run_summary
 from cnnscale.study.progress import StudyProgress, make_study_progress
 from cnnscale.study.spec import StudySpec
+from cnnscale.study.stop import StudyStopped
 
-__all__ = ["run_point", "run_study", "find_max_batch", "ALLREDUCE_MODULE"]
+__all__ = ["run_point", "run_study", "preflight", "find_max_batch", "ALLREDUCE_MODULE"]
 
 ALLREDUCE_MODULE = "cnnscale.study.allreduce_bench"
 
 
 def run_point(p: Point, spec: StudySpec, run_dir: Path, backend: Backend) -> PointRecord:
-    """Launch one point (one retry if its port was taken meanwhile) and record how it ended (point.json)."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # a stale failed attempt: metrics.jsonl is appended to, so start clean
-    run_dir.mkdir(parents=True)
-    attempts = 0
-    for _attempt in range(2):
-        attempts += 1
-        cmd = build_command(p.script, point_args(p, spec, run_dir), p.world_size, free_port(), spec.launcher)
-        out = backend.run(cmd, point_env(spec.threads_per_process), run_dir / "launch.log", spec.timeout_s)
-        if out.status != "failed" or not port_in_use((run_dir / "launch.log").read_text(errors="replace")):
-            break
+    """Launch one point (one retry if its port was taken meanwhile) and record how it ended (point.json). A point
+    stopped half-way resumes from its checkpoint; any other earlier attempt is cleared first. When the study itself
+    is stopped (:class:`StudyStopped`, Ctrl-C) the point is recorded as failed with the signal, and that goes on up."""
+    resume = p.script == TRAIN_MODULE and resumable(run_dir)
+    if run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)  # a stale failed attempt: start clean
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log, attempts, t0 = run_dir / "launch.log", 0, time.monotonic()
+    try:
+        for _attempt in range(2):
+            attempts += 1
+            args = point_args(p, spec, run_dir, resume=resume)
+            cmd = build_command(p.script, args, p.world_size, free_port(), spec.launcher)
+            out = backend.run(cmd, point_env(spec.threads_per_process), log, spec.timeout_s)
+            if out.status != "failed" or not port_in_use(log.read_text(errors="replace")):
+                break
+    except (StudyStopped, KeyboardInterrupt) as exc:
+        why = f"stopped: the study got {exc.name if isinstance(exc, StudyStopped) else 'SIGINT'}"
+        record_point(run_dir, p, spec.name, "failed", why, time.monotonic() - t0, attempts=attempts,
+                     backend=backend.name)
+        raise
     return record_point(run_dir, p, spec.name, out.status, out.error, out.seconds, attempts=attempts,
                         backend=backend.name)
 
@@ -98,38 +114,41 @@ def _allreduce_bench(spec: StudySpec, out: Path, backend: Backend, say: Callable
     say(f"all-reduce benchmark: {res.status} ({res.seconds:.0f} s){' ' + res.error if res.error else ''}")
 
 
-def _img_per_s(run_dir: Path) -> float | None:
-    summary = run_summary(run_dir)
-    return summary.img_per_s if summary is not None else None
+def preflight(spec: StudySpec, backend: str = "local") -> None:
+    """The checks that need no launch, made before anything is written: world sizes this machine can run (local
+    backend), the batch rules, and missing scripts. Raises a one-line UserError."""
+    too_big = [n for n in spec.world_sizes if spec.gpus_per_node and n > spec.gpus_per_node]
+    if too_big and backend == "local":
+        raise UserError(f"{spec.source}: world sizes {too_big} exceed gpus_per_node {spec.gpus_per_node}; "
+                        "the local backend runs one machine (use a multi-node backend)")
+    if backend == "local":
+        check_gpu_world_sizes(spec.world_sizes)  # GPU machine: at most one process per visible GPU
+    check_targets(spec, expand(spec))
 
 
 def run_study(spec: StudySpec, out: Path, backend: Backend | None = None,
               progress: StudyProgress | None = None) -> list[PointRecord]:
     """Run every point not already done; returns the point records (done and new), in matrix order."""
     backend = backend or BACKENDS["local"]()
-    too_big = [n for n in spec.world_sizes if spec.gpus_per_node and n > spec.gpus_per_node]
-    if too_big and backend.name == "local":
-        raise UserError(f"{spec.source}: world sizes {too_big} exceed gpus_per_node {spec.gpus_per_node}; "
-                        "the local backend runs one machine (use a multi-node backend)")
-    if backend.name == "local":
-        check_gpu_world_sizes(spec.world_sizes)  # GPU machine: at most one process per visible GPU
-    check_targets(spec, expand(spec))  # the batch rules and missing scripts fail here, before anything is written
+    preflight(spec, backend.name)
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     records.write_yaml(out / "study.yaml", spec.raw)
     prog = progress or make_study_progress()
-    _allreduce_bench(spec, out, backend, prog.say)
-    points = expand(spec, _max_batches(spec, out, backend, prog.say))
-    prog.start(len(points))
-    results = []
-    for p in points:
-        run_dir = out / p.id
-        rec = read_done(run_dir, p)
-        skipped = rec is not None
-        if rec is None:
-            prog.begin(p)
-            rec = run_point(p, spec, run_dir, backend)
-        prog.done(p, rec, _img_per_s(run_dir), skipped=skipped)
-        results.append(rec)
-    prog.close()
+    try:
+        _allreduce_bench(spec, out, backend, prog.say)
+        points = expand(spec, _max_batches(spec, out, backend, prog.say))
+        prog.start(len(points), spec.repeats)
+        results = []
+        for p in points:
+            run_dir = out / p.run_name
+            rec = read_done(run_dir, p)
+            skipped = rec is not None
+            if rec is None:
+                prog.begin(p, resume=p.script == TRAIN_MODULE and resumable(run_dir))
+                rec = run_point(p, spec, run_dir, backend)
+            prog.done(p, rec, run_summary(run_dir), skipped=skipped)
+            results.append(rec)
+    finally:
+        prog.close()
     return results

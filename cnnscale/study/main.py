@@ -12,6 +12,7 @@ package data, :mod:`cnnscale.resources`). A study file (see configs/studies/quic
     micro_batches: [32]        # weak scaling
     global_batch: 256          # strong scaling
     max_steps: 20
+    repeats: 3                 # every point 3 times, round-robin: the report's median and spread (default 1)
     data: synthetic
     timeout_s: 600             # per point; the whole process group is killed after it
     threads_per_process: 1     # OMP_NUM_THREADS per process (CPU); 0 leaves it alone (GPU)
@@ -22,35 +23,54 @@ package data, :mod:`cnnscale.resources`). A study file (see configs/studies/quic
 
 The batch rules are in :mod:`cnnscale.study.matrix`, the local runner in :mod:`cnnscale.study.local`, the SLURM one
 in :mod:`cnnscale.study.slurm`. The command imports no torch: every point is a subprocess.
+
+Behaviour: one ``cnnscale study`` per study directory (an ``fcntl.flock`` on ``OUT/.lock``; a second one is refused
+with one line naming the holder, exit 2). Points run in the caller's working directory with absolute run
+directories. SIGTERM, SIGINT or SIGHUP end the running point (it stops with a checkpoint) and the study
+(:mod:`cnnscale.study.stop`); a SIGKILLed study's launcher gets SIGTERM from the kernel. Running the same command
+again skips the points and repeats already done and resumes a half-done one from its checkpoint. Exit code: 0 when
+every point is ok, else 1 after the report, with one line counting the points by status.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 from cnnscale.config import CommandParser
+from cnnscale.records.io import LOCK, hold_lock
+from cnnscale.records.schema import POINT_STATUSES
 from cnnscale.report import main as report
 from cnnscale.resources import find_builtin
 from cnnscale.study.launcher import BACKENDS, build_command
-from cnnscale.study.local import run_study
+from cnnscale.study.local import preflight, run_study
 from cnnscale.study.matrix import expand, point_args
-from cnnscale.study.outcome import is_done
+from cnnscale.study.outcome import PointRecord, is_done
 from cnnscale.study.slurm import run_slurm_study
 from cnnscale.study.spec import StudySpec, load_spec
+from cnnscale.study.stop import StudyStopped, stop_on_signals
 
-__all__ = ["main", "dry_run"]
+__all__ = ["main", "dry_run", "status_counts"]
 
 
 def dry_run(spec: StudySpec, out: Path) -> None:
-    """Print every point (done or todo) with the command that would launch it; run nothing."""
+    """Print every point and repeat (done or todo) with the command that would launch it; run nothing."""
     for p in expand(spec):
-        run_dir = out / p.id
+        run_dir = out / p.run_name
         state = "done" if is_done(run_dir, p) else "todo"
+        rep = f"  repeat {p.repeat + 1}/{spec.repeats}" if spec.repeats > 1 else ""
         cmd = build_command(p.script, point_args(p, spec, run_dir), p.world_size, 0, spec.launcher)
-        print(f"{state}  {p.id}  global_batch={p.global_batch}\n      {' '.join(cmd)}")
+        print(f"{state}  {p.id}{rep}  global_batch={p.global_batch}\n      {' '.join(cmd)}")
+
+
+def status_counts(results: list[PointRecord]) -> str:
+    """``"3 ok, 1 failed, 1 diverged"``: the points by status, ok first, then the order of POINT_STATUSES."""
+    counts = Counter(r.status for r in results)
+    return ", ".join(f"{counts[s]} {s}" for s in POINT_STATUSES if counts[s])
 
 
 def _parser() -> CommandParser:
@@ -68,7 +88,10 @@ def _parser() -> CommandParser:
 
 
 def main(argv: list[str]) -> int:
-    """``cnnscale study STUDY [--out DIR] [--dry-run] [--slurm[=OPTS]] [--timeout S]``."""
+    """``cnnscale study STUDY [--out DIR] [--dry-run] [--slurm[=OPTS]] [--timeout S]``.
+
+    Exit 0 when every point is ok; 1 otherwise (after the report, with one line counting the points by status);
+    2 for bad input or a study directory that another ``cnnscale study`` holds; 128 + N when stopped by signal N."""
     args = _parser().parse_args(argv)
     spec = load_spec(find_builtin("studies", args.file))
     if args.timeout:
@@ -78,11 +101,23 @@ def main(argv: list[str]) -> int:
         dry_run(spec, out)
         return 0
     t0 = time.monotonic()
-    if args.slurm is not None or args.backend == "slurm":
-        results = run_slurm_study(spec, out, args.slurm or "")
-    else:
-        results = run_study(spec, out, BACKENDS[args.backend]())
+    slurm = args.slurm is not None or args.backend == "slurm"
+    preflight(spec, "slurm" if slurm else args.backend)  # bad input: one line, before the directory exists
+    with hold_lock(out / LOCK, f"study directory {out}"):  # one writer: a second study is one line, exit 2
+        try:
+            with stop_on_signals():
+                if slurm:
+                    results = run_slurm_study(spec, out, args.slurm or "")
+                else:
+                    results = run_study(spec, out, BACKENDS[args.backend]())
+        except (StudyStopped, KeyboardInterrupt) as exc:
+            signum = exc.signum if isinstance(exc, StudyStopped) else signal.SIGINT
+            what = ("its SLURM arrays keep running; run the same command again to watch them" if slurm else
+                    "the running point was ended and recorded; run the same command again to resume")
+            print(f"cnnscale study: stopped by {signal.Signals(signum).name}; {what} -> {out}", file=sys.stderr)
+            return 128 + signum
+        code = report.main([str(out), "--plots", str(out / "plots")])
     bad = sum(r.status != "ok" for r in results)
-    print(f"study {spec.name}: {len(results)} points, {bad} not ok, {time.monotonic() - t0:.0f} s -> {out}",
-          file=sys.stderr)
-    return report.main([str(out), "--plots", str(out / "plots")])
+    print(f"study {spec.name}: {len(results)} points: {status_counts(results)}, {time.monotonic() - t0:.0f} s "
+          f"-> {out}", file=sys.stderr)
+    return 1 if bad or code else 0

@@ -14,7 +14,7 @@ from a checkout).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ class Point:
     script: str = TRAIN_MODULE
     """The launch target: a module (started with ``-m``) or a ``.py`` script path."""
     scaling: str = "weak"
+    repeat: int = 0
+    """Which run of the point this is (0 .. repeats - 1); not part of :attr:`id`."""
 
     @property
     def global_batch(self) -> int:
@@ -53,16 +55,23 @@ class Point:
         st = "" if self.settings == "default" else f"-{self.settings}"
         return f"{self.model}-ws{self.world_size}-{self.precision}-mb{self.micro_batch}{ga}{st}"
 
+    @property
+    def run_name(self) -> str:
+        """The run directory's name: :attr:`id` for repeat 0 (so studies made before repeats resume), else
+        ``<id>-r<repeat>``."""
+        return self.id if self.repeat == 0 else f"{self.id}-r{self.repeat}"
+
 
 def _cli_value(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v)
 
 
-def point_args(p: Point, spec: StudySpec, run_dir: Path) -> list[str]:
-    """The trainer's command-line arguments of a point."""
+def point_args(p: Point, spec: StudySpec, run_dir: Path, resume: bool = False) -> list[str]:
+    """The trainer's command-line arguments of a point; ``resume``: carry on from ``run_dir``'s checkpoint
+    (``--resume RUN_DIR`` in place of ``--out RUN_DIR``, the other flags the same)."""
     args = ["--model", p.model, "--data", spec.data, "--max-steps", str(p.max_steps), "--micro-batch",
             str(p.micro_batch), "--grad-accum", str(p.grad_accum), "--mixed-precision", p.precision,
-            "--out", str(run_dir), "--train.progress", "plain"]
+            "--resume" if resume else "--out", str(run_dir), "--train.progress", "plain"]
     for key, value in p.overrides:
         args += [f"--{key}", _cli_value(value)]
     return args
@@ -102,7 +111,9 @@ def _strong_points(spec: StudySpec, m: ModelSpec, max_micro: int | None, variant
 
 
 def expand(spec: StudySpec, max_batches: dict[str, int] | None = None) -> list[Point]:
-    """Every point of the matrix, model-major, world size innermost. ``max_batches``: model -> found micro-batch.
+    """Every point of the matrix, model-major, world size innermost, then the whole matrix again for each further
+    repeat (round-robin: never one point K times in a row, so drift of the machine falls on every point alike).
+    ``max_batches``: model -> found micro-batch.
 
     Raises UserError when the batch rules fail or two points would share an id."""
     build = _weak_points if spec.scaling == "weak" else _strong_points
@@ -116,7 +127,7 @@ def expand(spec: StudySpec, max_batches: dict[str, int] | None = None) -> list[P
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise UserError(f"{spec.source}: the matrix repeats points {', '.join(dup)}")
-    return points
+    return [replace(p, repeat=k) for k in range(spec.repeats) for p in points]
 
 
 def check_targets(spec: StudySpec, points: list[Point]) -> None:

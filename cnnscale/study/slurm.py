@@ -52,7 +52,8 @@ def _entry(p: Point, spec: StudySpec, run_dir: Path) -> dict[str, Any]:
     args = point_args(p, spec, run_dir)
     i = args.index("--out")
     target = str(Path(p.script).resolve()) if is_script(p.script) else p.script  # the job starts elsewhere
-    return {"id": p.id, "out": str(run_dir), "target": target, "args": args[:i] + args[i + 2:]}  # sbatch adds --out
+    # sbatch adds --out
+    return {"id": p.run_name, "out": str(run_dir), "target": target, "args": args[:i] + args[i + 2:]}
 
 
 def sbatch_command(spec: StudySpec, shape: tuple[int, int, bool], count: int, manifest: Path, out: Path,
@@ -96,13 +97,13 @@ def _submit(spec: StudySpec, out: Path, todo: list[Point], extra: list[str], say
     for shape, pts in groups.items():
         manifest = out / "slurm" / f"points-{shape[0]}x{shape[1]}.json"
         for p in pts:
-            shutil.rmtree(out / p.id, ignore_errors=True)  # a stale failed attempt: start clean
-        records.write_json(manifest, [_entry(p, spec, out / p.id) for p in pts])
+            shutil.rmtree(out / p.run_name, ignore_errors=True)  # a stale failed attempt: start clean
+        records.write_json(manifest, [_entry(p, spec, out / p.run_name) for p in pts])
         proc = _run(sbatch_command(spec, shape, len(pts), manifest, out, extra))
         if proc.returncode != 0:
             raise UserError(f"sbatch failed: {(proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1]}")
         job_id = proc.stdout.strip().split(";")[0]
-        jobs[job_id] = [p.id for p in pts]
+        jobs[job_id] = [p.run_name for p in pts]
         say(f"submitted array {job_id}: {len(pts)} point(s) on {shape[0]} node(s) x {shape[1]} process(es)")
     return jobs
 
@@ -148,13 +149,13 @@ def run_slurm_study(spec: StudySpec, out: Path, sbatch_opts: str = "", poll_s: f
                         f"(it caches {cached.name}) or drop max_batch")
     points = expand(spec, records.read_json(cached) if spec.max_batch else None)
     check_targets(spec, points)
-    by_id = {p.id: p for p in points}
+    by_id = {p.run_name: p for p in points}  # one entry per point and repeat
     jobs_file = out / "slurm" / "jobs.json"
     jobs: dict[str, list[str]] = records.read_json(jobs_file) if jobs_file.is_file() else {}
     if queued(list(jobs)):
         say(f"arrays {', '.join(jobs)} from an earlier call are still queued: watching them")
     else:
-        todo = [p for p in points if not is_done(out / p.id, p)]
+        todo = [p for p in points if not is_done(out / p.run_name, p)]
         say(f"{len(points)} points, {len(points) - len(todo)} done earlier")
         jobs = _submit(spec, out, todo, shlex.split(sbatch_opts), say) if todo else {}
         records.write_json(jobs_file, jobs)
@@ -165,7 +166,7 @@ def run_slurm_study(spec: StudySpec, out: Path, sbatch_opts: str = "", poll_s: f
                 status, error, seconds = _outcome(job_id, index, spec.name, out / pid, out)
                 record_point(out / pid, by_id[pid], spec.name, status, error, seconds, backend="slurm",
                              job_id=f"{job_id}_{index}")
-    return [_final(out / p.id, p, spec) for p in points]
+    return [_final(out / p.run_name, p, spec) for p in points]
 
 
 def _final(run_dir: Path, p: Point, spec: StudySpec) -> PointRecord:

@@ -76,6 +76,8 @@ class StudySpec:
     """Strong scaling: smallest micro-batch allowed (a world size that needs less is an error)."""
     max_steps: int = setting(20, ge=1, cap=10**9)
     """Optimiser steps per point."""
+    repeats: int = setting(1, ge=1, cap=1000)
+    """Runs of every point, round-robin (every point once, then every point again): the report's spread."""
     data: str = setting("synthetic", choices=DATASETS)
     """Data set of every point (cifar10, imagefolder, synthetic)."""
     timeout_s: float = setting(900.0, ge=1, cap=30 * 86400)

@@ -26,26 +26,33 @@ from cnnscale.config import Config, FastConfig, ModelConfig, TrainConfig
 from cnnscale.errors import UserError
 from cnnscale.models import create_model
 from cnnscale.profile import gpus
+from cnnscale.profile.commhook import timed_ddp_handler
 from cnnscale.profile.flops import count_flops
 from cnnscale.profile.mfu import MfuInputs
 from cnnscale.train import deepspeed as ds_config
 from cnnscale.train import trackers
 
-# Imported here, before build_accelerator starts the process group, on purpose. Both are imported during every run
-# anyway (torch._dynamo by the first optimiser, deepspeed by accelerate's unwrap_model/save_state), but first imported
-# AFTER init_process_group they keep the gloo group alive past destroy_process_group (measured with torch 2.14 and
-# deepspeed 0.19: its C++ threads pt_gloo_runloop x2 and gloo_tcp_loop then still run at interpreter exit, where a
-# joinable thread torn down aborts with "terminate called without an active exception").
-# Its import logs "Setting accelerator to CPU" on a machine without a GPU, to stdout, ahead of `cnnscale train --help`
-# and before a one-line error: log records up to WARNING are dropped while it imports (only then).
-logging.disable(logging.WARNING)
-try:
-    with contextlib.suppress(ImportError):
-        import deepspeed  # noqa: F401  (optional dependency)
-finally:
-    logging.disable(logging.NOTSET)
+# torch._dynamo is imported here, before build_accelerator starts the process group, on purpose: every run imports
+# it (the first optimiser step does), and first imported AFTER init_process_group it (like deepspeed, see
+# _import_deepspeed) kept the gloo group alive past destroy_process_group (measured with torch 2.14 and deepspeed 0.19:
+# the C++ threads pt_gloo_runloop x2 and gloo_tcp_loop then still ran at interpreter exit, where a joinable thread
+# torn down aborts with "terminate called without an active exception").
 
-__all__ = ["build_accelerator", "resolve_device", "process_device", "check_gpu_count", "check_ddp",
+
+def _import_deepspeed() -> None:
+    """Import deepspeed before the process group starts, for a run that uses it (see above); a run that does not
+    never imports it (2-3 s of CPU per process), since :func:`unwrap_model` keeps accelerate from doing so.
+    Its import logs "Setting accelerator to CPU" on a machine without a GPU, to stdout: log records up to WARNING
+    are dropped while it imports (only then)."""
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.suppress(ImportError):  # not installed: accelerate's own DeepSpeed check then says so
+            import deepspeed  # noqa: F401  (optional dependency, only for DeepSpeed runs: see the docstring)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+__all__ = ["build_accelerator", "unwrap_model", "resolve_device", "process_device", "check_gpu_count", "check_ddp",
            "collective_timeout", "COMPILE_TIMEOUT_S", "apply_fast_path", "build_model", "compile_model",
            "steps_per_epoch", "total_steps", "model_flops", "train_flops_per_image", "mfu_inputs"]
 
@@ -135,6 +142,8 @@ def build_accelerator(cfg: Config) -> Accelerator:
     synchronise per step: the host keeps queueing work while the copy runs)."""
     _cache_accelerate_lomo_check()
     check_ddp(cfg)
+    if ds_config.use_deepspeed():
+        _import_deepspeed()
     cpu = resolve_device(cfg.train.device) == "cpu"
     if cpu and torch.cuda.is_available() and ds_config.use_deepspeed():
         raise UserError("train.device cpu with DeepSpeed on a node with usable GPUs is not supported (DeepSpeed "
@@ -155,8 +164,25 @@ def build_accelerator(cfg: Config) -> Accelerator:
                       mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
                       log_with=trackers.log_with(cfg.train), project_config=trackers.project_config(cfg.train))
+    acc.ddp_handler = timed_ddp_handler(acc.ddp_handler, cfg.profile.enabled)  # DDP's comm hook timed when profiling
     ds_config.configure_deepspeed(acc, cfg)
     return acc
+
+
+def unwrap_model(acc: Accelerator, model: nn.Module) -> nn.Module:
+    """The model without its DDP (or DeepSpeed) wrapper, torch.compile's wrapper kept: ``acc.unwrap_model``'s result,
+    except that a run without DeepSpeed does not import deepspeed for it (accelerate imports it there whenever it
+    is installed, after the process group has started)."""
+    if ds_config.use_deepspeed():
+        return acc.unwrap_model(model)
+    compiled = model if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else None
+    inner = compiled._orig_mod if compiled is not None else model
+    while isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        inner = inner.module
+    if compiled is None:
+        return inner
+    compiled._orig_mod = inner  # what accelerate's unwrap_model does to a compiled DDP model
+    return compiled
 
 
 def apply_fast_path(fast: FastConfig | Config, device: torch.device) -> dict[str, Any]:

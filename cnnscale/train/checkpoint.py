@@ -1,8 +1,13 @@
 """Checkpoints: ``accelerator.save_state`` into a hidden temp directory, then an atomic rename.
 
 Layout: ``RUN/checkpoints/step_00000100/`` holding Accelerate's state files plus ``trainer_state.json`` (step, epoch,
-micro-batches consumed in the epoch). A directory is visible under its final name only once complete, so a kill
-during a save leaves at worst a ``.tmp-*`` directory that resume ignores.
+micro-batches consumed in the epoch), the marker written last. A directory is visible under its final name only once
+complete, so a kill during a save leaves at worst a ``.tmp-*`` directory that resume ignores.
+
+Rotation (``train.keep_ckpts``) deletes only complete checkpoints this project wrote (the strict ``step_%08d`` name
+and a marker naming the same step: :func:`cnnscale.records.run.complete_checkpoints`) older than the one just
+written, never the one just written; anything else under ``checkpoints/`` (``step_best``, ``step_00000005.bak``, a
+newer step left by another run) is left alone, with one warning per run.
 """
 
 from __future__ import annotations
@@ -11,17 +16,19 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 from accelerate.utils import load
 
 from cnnscale.errors import UserError, write_error
-from cnnscale.records.io import atomic_write_text
+from cnnscale.records.io import atomic_write_text, strict_json
+from cnnscale.records.run import CHECKPOINTS, TRAINER_STATE, checkpoint_dirs, complete_checkpoints
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "TRAINER_STATE"]
+__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "rotate", "TRAINER_STATE"]
 
-TRAINER_STATE = "trainer_state.json"
+_warned: set[Path] = set()  # checkpoints/ directories whose strays were already named (one warning per run)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -48,7 +55,7 @@ def save_checkpoint(accelerator: Any, run_dir: str | Path, state: dict[str, Any]
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            atomic_write_text(tmp / TRAINER_STATE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(tmp / TRAINER_STATE, strict_json(state, indent=2) + "\n")  # the marker, written last
             _fsync_dir(tmp)
     except Exception as exc:  # disk full mid-save: drop the partial copy, keep the last complete checkpoint
         user = write_error(exc, tmp, f"checkpoint {name}")
@@ -62,10 +69,28 @@ def save_checkpoint(accelerator: Any, run_dir: str | Path, state: dict[str, Any]
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(ckdir)
-        for old in sorted(p for p in ckdir.glob("step_*") if p.is_dir())[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        rotate(ckdir.parent, int(state["step"]), keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def rotate(run_dir: str | Path, newest: int, keep: int) -> list[Path]:
+    """Delete complete checkpoints older than step ``newest`` beyond the ``keep`` newest (``newest`` itself counts and
+    is never deleted); warn once about anything else under ``checkpoints/``. Returns the deleted directories."""
+    ckdir = Path(run_dir) / CHECKPOINTS
+    done = complete_checkpoints(run_dir)
+    older = [d for step, d in done if step < newest]
+    doomed = older[:max(len(older) - (keep - 1), 0)]
+    for d in doomed:
+        shutil.rmtree(d, ignore_errors=True)
+    ours = {d.name for step, d in done if step <= newest}
+    others = sorted(p.name for p in ckdir.iterdir() if p.name not in ours and not p.name.startswith(".tmp-"))
+    if others and ckdir not in _warned:
+        _warned.add(ckdir)
+        names = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
+        print(f"cnnscale: warning: {ckdir} holds entries that checkpoint rotation leaves alone ({names}): not "
+              f"complete checkpoints of this run up to step {newest}", file=sys.stderr, flush=True)
+    return doomed
 
 
 def _check_pickles(ck: Path, rank: int) -> None:
@@ -88,14 +113,15 @@ def _check_pickles(ck: Path, rank: int) -> None:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """Newest complete checkpoint of a run directory (``.tmp-*`` directories are incomplete and ignored)."""
-    ckdir = Path(run_dir) / "checkpoints"
-    done = sorted(p for p in ckdir.glob("step_*") if p.is_dir() and (p / TRAINER_STATE).is_file())
-    return done[-1] if done else None
+    """Newest published checkpoint of a run directory (``step_%08d`` with its marker; ``.tmp-*`` directories and
+    any other name are ignored): :func:`cnnscale.records.run.checkpoint_dirs`."""
+    done = checkpoint_dirs(run_dir)
+    return done[-1][1] if done else None
 
 
-def load_checkpoint(accelerator: Any, run_dir: str | Path) -> dict[str, Any]:
-    """Restore model, optimiser, registered objects and RNG states; return the trainer state."""
+def load_checkpoint(accelerator: Any, run_dir: str | Path, model_name: str = "?") -> dict[str, Any]:
+    """Restore model, optimiser, registered objects and RNG states; return the trainer state. A checkpoint of
+    another model (``model_name``: the one built) is a mismatch, never called corrupt."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"--resume: no such run directory: {run_dir}")
@@ -108,5 +134,8 @@ def load_checkpoint(accelerator: Any, run_dir: str | Path) -> dict[str, Any]:
         accelerator.load_state(str(ck))
     except Exception as exc:  # torn or foreign files: say which checkpoint, not a traceback
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "loading state_dict" in first or "size mismatch" in str(exc):  # a model mismatch, not a torn file
+            raise UserError(f"--resume: checkpoint {ck} holds another model than the one built ({model_name}): "
+                            f"{' '.join(str(exc).split())[:300]}") from None
         raise UserError(f"--resume: checkpoint {ck} is corrupt or incomplete ({type(exc).__name__}: {first})") from None
     return state

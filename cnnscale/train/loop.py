@@ -2,20 +2,24 @@
 
 ``run`` builds each part from its own config section (the accelerator and model in :mod:`.build`, the data in
 :mod:`cnnscale.data.loaders`, the optimiser and schedule in :mod:`.schedule`, the profiler from ``cfg.profile``),
-then runs the loop below, which owns a small :class:`_State`. The step and evaluation are :mod:`.step`; the record
-files are :mod:`.rundir`. A stop signal is a decision (:meth:`preempt.SignalGuard.requested`) that the loop acts on.
+then runs the loop below, which owns a small :class:`~.parts.State`. The step and evaluation are :mod:`.step`; the
+record files are :mod:`.rundir`; how a run ends (ok, preempted, diverged, failed) is :mod:`.finish`. A stop signal
+is a decision (:meth:`preempt.SignalGuard.requested`) that the loop acts on.
 
 The LR scheduler is *not* passed through ``accelerator.prepare`` (its wrapper steps it once per process); it is
-stepped here once per optimiser step, so the schedule depends only on the optimiser-step count.
+stepped here once per optimiser step, so the schedule depends only on the optimiser-step count (on resume it is
+rebuilt for the run's current length: :func:`cnnscale.train.schedule.resume_scheduler`).
+
+Rank 0 holds the run directory for the whole run (:func:`.rundir.claim_run_dir`: one writer, no fresh run over an
+old one, room reserved for the final status). A non-finite loss at a log step stops every rank at that step with
+status ``diverged`` (:mod:`.diverge`); any error ends the summary ``failed`` with the reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +28,10 @@ from torch import nn
 
 from cnnscale.config import Config, global_batch
 from cnnscale.data import loaders
-from cnnscale.errors import UserError, write_error
-from cnnscale.profile.profiler import NullProfiler, build_profiler
+from cnnscale.profile.profiler import build_profiler
+from cnnscale.records.io import SUMMARY, read_json
 from cnnscale.scaling import memory as zero_memory
-from cnnscale.train import checkpoint, preempt, trackers
+from cnnscale.train import checkpoint, diverge, finish, preempt, trackers
 from cnnscale.train import deepspeed as ds_config
 from cnnscale.train.build import (
     apply_fast_path,
@@ -37,11 +41,14 @@ from cnnscale.train.build import (
     mfu_inputs,
     steps_per_epoch,
     total_steps,
+    unwrap_model,
 )
+from cnnscale.train.parts import Parts, RunResult, State
 from cnnscale.train.preempt import exit_code
 from cnnscale.train.progress import NullProgress, make_progress
-from cnnscale.train.rundir import RunFiles, check_writable, resolve_out
-from cnnscale.train.schedule import build_optimizer, build_scheduler
+from cnnscale.train.resume import check_resume
+from cnnscale.train.rundir import HEARTBEAT_S, RunFiles, claim_run_dir, resolve_out
+from cnnscale.train.schedule import build_optimizer, build_scheduler, resume_scheduler
 from cnnscale.train.step import (
     ClassificationTask,
     Task,
@@ -55,62 +62,7 @@ from cnnscale.train.step import (
 __all__ = ["RunResult", "run", "exit_code"]
 
 
-@dataclass(frozen=True)
-class RunResult:
-    """What a finished (or preempted) run hands back to its caller (distill, prune, the CLI)."""
-
-    summary: dict[str, Any]
-    """The summary, also written to ``summary.json`` (status ``ok`` or ``preempted``)."""
-    run_dir: Path
-    """The run directory."""
-    model: nn.Module
-    """The trained model, unwrapped from DDP/DeepSpeed; torch.compile's wrapper is kept (``unwrap_model``'s default)."""
-    is_main: bool
-    """True on the main process, the one that writes records."""
-
-
-@dataclass
-class _Parts:
-    """The built, prepared parts of one run (read-only for the loop)."""
-
-    cfg: Config
-    acc: Any
-    task: Task
-    model: nn.Module
-    optimizer: Any
-    scheduler: Any
-    train_dl: Any
-    val_dl: Any
-    test_dl: Any
-    prof: NullProfiler
-    files: RunFiles
-    total_steps: int
-    in_dtype: torch.dtype | None
-    clip_grad: float
-    n_params: int
-    t_start: float
-    env_extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _State:
-    """The loop's own state: position (saved in checkpoints), the loss since the last log, the last evaluation."""
-
-    step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0
-    loss_sum: Any = None
-    loss_n: int = 0
-    last_loss: float | None = None
-    last_eval: dict[str, float] = field(default_factory=dict)
-    last_eval_step: int = -1
-    t_log: float = 0.0
-
-    def position(self) -> dict[str, int]:
-        return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
-
-
-def _build(cfg: Config, acc: Any, task: Task | None, model: nn.Module | None, t_start: float) -> _Parts:
+def _build(cfg: Config, acc: Any, task: Task | None, model: nn.Module | None, t_start: float, run_dir: Path) -> Parts:
     """Every part from its own section; the order keeps the RNG stream of the original trainer (seed, data, model)."""
     torch.manual_seed(cfg.train.seed)
     task = task or ClassificationTask(cfg.train.label_smoothing)
@@ -118,9 +70,9 @@ def _build(cfg: Config, acc: Any, task: Task | None, model: nn.Module | None, t_
     train_dl, val_dl, test_dl, num_classes = data
     if num_classes != cfg.model.num_classes:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
-    run_dir = resolve_out(cfg, acc.num_processes)
-    if acc.is_main_process:
-        check_writable(run_dir)
+    # data.loader auto -> the loader chosen; fast.channels_last unset -> on for CUDA (env.json records both)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader=data.loader),
+                              fast=cfg.fast.resolved(acc.device.type == "cuda"))
     model = build_model(cfg.model, cfg.fast, model)
     n_params = sum(p.numel() for p in model.parameters())
     fast_env = apply_fast_path(cfg.fast, acc.device)
@@ -140,14 +92,15 @@ def _build(cfg: Config, acc: Any, task: Task | None, model: nn.Module | None, t_
                           task=task)
     # DeepSpeed clips inside engine.step (the JSON's gradient_clipping, filled from train.clip_grad).
     clip = 0.0 if ds_config.use_deepspeed() else cfg.train.clip_grad
-    parts = _Parts(cfg, acc, task, prepared, prepared_opt, scheduler, train_dl, val_dl, test_dl, prof,
-                   RunFiles(run_dir, acc), total, ds_config.input_dtype(acc), clip, n_params, t_start)
+    parts = Parts(cfg, acc, task, prepared, prepared_opt, scheduler, train_dl, val_dl, test_dl, prof,
+                  RunFiles(run_dir, acc), total, per_epoch, optimizer, ds_config.input_dtype(acc), clip, n_params,
+                  t_start)
     parts.env_extra = _env_extra(parts, {**fast_env, "model": cfg.model.name, "params": n_params, **flops, **data.env},
                                  param_counts)
     return parts
 
 
-def _env_extra(p: _Parts, extra: dict[str, Any], param_counts: Any) -> dict[str, Any]:
+def _env_extra(p: Parts, extra: dict[str, Any], param_counts: Any) -> dict[str, Any]:
     """env.json's run-specific fields: fast path, batch, DeepSpeed, profiler set-up, ZeRO memory model, FLOPs."""
     cfg, world = p.cfg, p.acc.num_processes
     extra = {**extra, "loader": cfg.data.loader, "global_batch": global_batch(cfg, world),
@@ -157,27 +110,50 @@ def _env_extra(p: _Parts, extra: dict[str, Any], param_counts: Any) -> dict[str,
     return extra
 
 
-def _fit(p: _Parts, guard: preempt.SignalGuard) -> dict[str, Any]:
-    """Resume if asked, train to the end or to a stop signal, then checkpoint, evaluate and write the summary."""
+def _resume(p: Parts, st: State) -> dict[str, Any] | None:
+    """Load the checkpoint into every part and ``st``; rebuild the schedule for the run's current length. Returns
+    the run's summary when it is already finished at this length (then nothing is written), else None."""
+    cfg, acc, run_dir = p.cfg, p.acc, p.files.run_dir
+    saved = checkpoint.load_checkpoint(acc, cfg.train.resume, cfg.model.name)
+    st.step, st.epoch, st.batches_in_epoch = saved["step"], saved["epoch"], saved["batches_in_epoch"]
+    resume_scheduler(p.scheduler, cfg.sched, p.raw_optimizer, p.per_epoch, p.total_steps, st.step)
+    summary = read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).is_file() else {}
+    if st.step >= p.total_steps and summary.get("status") == "ok":
+        if acc.is_main_process:
+            print(f"run {run_dir} is already finished (status ok, step {st.step} of {p.total_steps}): nothing to "
+                  "do; extend it with --max-steps N or --epochs N", flush=True)
+        return summary
+    changed = check_resume(cfg)  # every rank (the same answer): the resolved config against the run's
+    if acc.is_main_process:
+        print(f"resuming {run_dir} at step {st.step} of {p.total_steps}"
+              + (f" (changed: {', '.join(changed)})" if changed else ""), flush=True)
+    return None
+
+
+def _fit(p: Parts, guard: preempt.SignalGuard) -> dict[str, Any]:
+    """Resume if asked, train to the end, to a stop signal or to a non-finite loss, then checkpoint (never
+    non-finite weights), evaluate and write the summary."""
     cfg, acc = p.cfg, p.acc
-    st = _State(loss_sum=torch.zeros((), device=acc.device))
-    if cfg.train.resume:
-        saved = checkpoint.load_checkpoint(acc, cfg.train.resume)
-        st.step, st.epoch, st.batches_in_epoch = saved["step"], saved["epoch"], saved["batches_in_epoch"]
-    p.files.start(cfg, p.env_extra, st.step if cfg.train.resume else None)
+    st = State(loss_sum=torch.zeros((), device=acc.device))
+    if cfg.train.resume and (done := _resume(p, st)) is not None:
+        return done
+    p.files.start(cfg, p.env_extra, st.step if cfg.train.resume else None, p.total_steps)
     progress = make_progress(cfg.train.progress, p.total_steps, acc.is_main_process, start=st.step)
     p.prof.start()
     st.t_log = time.perf_counter()
     stopped = _loop(p, st, guard, progress)
     p.prof.stop()
     progress.close()
-    _save(p, st)  # collective: every rank saves its part, rank 0 publishes the directory atomically
+    if st.diverged is None:
+        _save(p, st)  # collective: every rank saves its part, rank 0 publishes the directory atomically
+    if st.diverged is not None:
+        return finish.finish_diverged(p, st)
     if stopped:
-        return _finish_preempted(p, st, guard)
-    return _finish(p, st, _final_eval(p, st))
+        return finish.finish_preempted(p, st, guard)
+    return finish.finish_ok(p, st, finish.final_eval(p, st))
 
 
-def _loop(p: _Parts, st: _State, guard: preempt.SignalGuard, progress: NullProgress) -> bool:
+def _loop(p: Parts, st: State, guard: preempt.SignalGuard, progress: NullProgress) -> bool:
     """Train from ``st`` to the last step; True when the ranks agreed to stop on a signal first."""
     cfg, acc = p.cfg, p.acc
     done = st.step >= p.total_steps
@@ -193,6 +169,8 @@ def _loop(p: _Parts, st: _State, guard: preempt.SignalGuard, progress: NullProgr
                 continue
             st.step += 1
             _after_step(p, st, progress, images.shape[0])
+            if st.diverged is not None:  # every rank read the same reduced loss: all stop here
+                return False
             if st.step < p.total_steps and guard.requested(st.step):  # all ranks vote, same answer
                 return True
             if st.step >= p.total_steps:
@@ -205,7 +183,7 @@ def _loop(p: _Parts, st: _State, guard: preempt.SignalGuard, progress: NullProgr
     return False
 
 
-def _after_step(p: _Parts, st: _State, progress: NullProgress, micro_batch: int) -> None:
+def _after_step(p: Parts, st: State, progress: NullProgress, micro_batch: int) -> None:
     """After an optimiser step: the schedule, the profiler, the log line (log steps only), a periodic checkpoint."""
     cfg = p.cfg
     if cfg.sched.name != "plateau":
@@ -221,11 +199,16 @@ def _after_step(p: _Parts, st: _State, progress: NullProgress, micro_batch: int)
         st.loss_sum.zero_()
         p.files.log(rec)
         progress.log(rec)
+        if cfg.train.stop_on_nonfinite:
+            st.diverged = diverge.nonfinite_message("loss", loss, st.step, rec["lr"])
+            if st.diverged is not None:
+                return
+    p.files.beat(st.step, HEARTBEAT_S)
     if cfg.train.ckpt_every and st.step % cfg.train.ckpt_every == 0 and st.step < p.total_steps:
         _save(p, st)
 
 
-def _end_epoch(p: _Parts, st: _State) -> dict[str, float]:
+def _end_epoch(p: Parts, st: State) -> dict[str, float]:
     val = evaluate(p.acc, p.model, p.val_dl, p.cfg.fast.channels_last)
     if p.cfg.sched.name == "plateau":
         p.scheduler.step(val["loss"])
@@ -234,54 +217,12 @@ def _end_epoch(p: _Parts, st: _State) -> dict[str, float]:
     return val
 
 
-def _final_eval(p: _Parts, st: _State) -> dict[str, Any]:
-    """The last logged loss, the test set (``train.final_eval``) and the validation set (reused from the epoch's
-    end when that was this very step)."""
-    cfg, cl = p.cfg, p.cfg.fast.channels_last
-    final: dict[str, Any] = {"final_loss": st.last_loss}
-    if cfg.train.final_eval:
-        test = evaluate(p.acc, p.model, p.test_dl, cl)
-        final.update({"test_loss": test["loss"], "test_acc": test["acc"]})
-    if p.val_dl is not None and (cfg.train.final_eval or st.last_eval_step == st.step):
-        val = st.last_eval if st.last_eval_step == st.step else evaluate(p.acc, p.model, p.val_dl, cl)
-        final.update({"val_loss": val["loss"], "val_acc": val["acc"]})
-    return final
-
-
-def _save(p: _Parts, st: _State) -> None:
+def _save(p: Parts, st: State) -> None:
+    """A checkpoint of every rank (collective), unless the weights are not finite (then ``st.diverged``)."""
+    if p.cfg.train.stop_on_nonfinite and not diverge.weights_finite(p.acc, p.model):
+        st.diverged = diverge.nonfinite_message("weights", None, st.step, p.scheduler.get_last_lr()[0])
+        return
     checkpoint.save_checkpoint(p.acc, p.files.run_dir, st.position(), keep=p.cfg.train.keep_ckpts)
-
-
-def _finish(p: _Parts, st: _State, final: dict[str, Any]) -> dict[str, Any]:
-    cfg, world = p.cfg, p.acc.num_processes
-    summary = {
-        "status": "ok", "model": cfg.model.name, "world_size": world, "params": p.n_params,
-        "micro_batch": cfg.train.micro_batch, "grad_accum": cfg.train.grad_accum,
-        "global_batch": global_batch(cfg, world), "mixed_precision": cfg.train.mixed_precision,
-        "steps": st.step, "epochs_done": st.epoch, "wall_s": time.time() - p.t_start,
-        "loader": cfg.data.loader, "data": cfg.data.name, **final, **p.prof.summary(),
-    }
-    p.files.finish(summary)
-    p.acc.wait_for_everyone()
-    return summary
-
-
-def _finish_preempted(p: _Parts, st: _State, guard: preempt.SignalGuard) -> dict[str, Any]:
-    run_dir = p.files.run_dir
-    summary = preempt.preempted_summary(guard.name, model=p.cfg.model.name, world_size=p.acc.num_processes,
-                                        steps=st.step, epochs_done=st.epoch, total_steps=p.total_steps,
-                                        wall_s=time.time() - p.t_start, run_dir=run_dir)
-    p.files.finish(summary)
-    if p.files.is_main:
-        print(preempt.stop_message(summary, run_dir), flush=True)
-    p.acc.wait_for_everyone()  # the summary exists before any rank exits (srun --kill-on-bad-exit ends the rest)
-    return summary
-
-
-def _run_dir_error(exc: OSError, run_dir: Path) -> Exception | None:
-    """Disk full / read-only while writing records: a one-line UserError; None for a file outside the run."""
-    outside = exc.filename and not Path(os.path.abspath(exc.filename)).is_relative_to(run_dir.absolute())
-    return None if outside else write_error(exc, run_dir, "the run directory")
 
 
 def run(cfg: Config, task: Task | None = None, model: nn.Module | None = None) -> RunResult:
@@ -294,6 +235,8 @@ def run(cfg: Config, task: Task | None = None, model: nn.Module | None = None) -
     preempt.watch_parent()
     t_start = time.time()
     trackers.check_installed(cfg.train.trackers)  # a missing tracker: one line, before the process group starts
+    if cfg.train.resume:
+        check_resume(cfg)  # a flag contradicting the checkpoint: one line, before the process group starts
     acc = build_accelerator(cfg)
     try:
         return _run(cfg, acc, task, model, t_start)
@@ -305,21 +248,22 @@ def run(cfg: Config, task: Task | None = None, model: nn.Module | None = None) -
 
 
 def _run(cfg: Config, acc: Any, task: Task | None, model: nn.Module | None, t_start: float) -> RunResult:
-    p = _build(cfg, acc, task, model, t_start)
-    try:
-        with preempt.SignalGuard(acc, every=p.cfg.dist.preempt_check_every) as guard:
-            summary = _fit(p, guard)
-    except OSError as exc:  # the checkpoint says its own
-        user = _run_dir_error(exc, p.files.run_dir)
-        if user is None:
+    run_dir = resolve_out(cfg, acc.num_processes)
+    with claim_run_dir(run_dir, cfg, acc.is_main_process):
+        p = _build(cfg, acc, task, model, t_start, run_dir)
+        try:
+            with preempt.SignalGuard(acc, every=p.cfg.dist.preempt_check_every) as guard:
+                summary = _fit(p, guard)
+        except OSError as exc:  # disk full / read-only while writing records: failed, saying why, in one line
+            user = finish.run_dir_error(exc, p.files.run_dir)
+            finish.fail(p, user or exc)
+            if user is None:
+                raise
+            raise user from exc
+        except Exception as exc:  # bad input met while training (an unreadable image), or a bug: failed, saying why
+            finish.fail(p, exc)
             raise
-        raise user from exc
-    except UserError as exc:  # bad input met while training (an unreadable image): the run ends "failed", saying why
-        if p.files.metrics is not None:
-            p.files.finish({"status": "failed", "model": p.cfg.model.name, "world_size": acc.num_processes,
-                            "error": " ".join(str(exc).split())})
-        raise
-    return RunResult(summary, p.files.run_dir, acc.unwrap_model(p.model), acc.is_main_process)
+        return RunResult(summary, p.files.run_dir, unwrap_model(acc, p.model), acc.is_main_process)
 
 
 def _shutdown(acc: Any) -> None:

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["SignalGuard", "preempted_summary", "stop_message", "exit_code", "install_early", "watch_parent",
-           "EXIT_PREEMPTED", "EXIT_INTERRUPTED", "HANDLED_SIGNALS"]
+           "EXIT_PREEMPTED", "EXIT_INTERRUPTED", "EXIT_DIVERGED", "HANDLED_SIGNALS"]
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", which is what a requeue does
 EXIT_INTERRUPTED = 130  # the shell convention for SIGINT
+EXIT_DIVERGED = 3  # a non-finite loss stopped the run (cnnscale.train.diverge); 2 stays "bad input"
 HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 _early: dict[str, int] = {}  # signal number caught by install_early() before the guard existed
@@ -129,10 +130,13 @@ def stop_message(summary: dict[str, Any], run_dir: Path) -> str:
 
 
 def exit_code(summary: dict[str, Any]) -> int:
-    """0 for a finished run, 130 after Ctrl-C, 75 after SIGUSR1/SIGTERM (requeue me), 1 otherwise."""
+    """0 for a finished run, 130 after Ctrl-C, 75 after SIGUSR1/SIGTERM (requeue me), 3 when the loss diverged
+    (status ``diverged``), 1 otherwise."""
     status = summary.get("status")
     if status == "ok":
         return 0
+    if status == "diverged":
+        return EXIT_DIVERGED
     if status == "preempted":
         return EXIT_INTERRUPTED if summary.get("signal") == "SIGINT" else EXIT_PREEMPTED
     return 1

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from accelerate import skip_first_batches
+from accelerate.optimizer import AcceleratedOptimizer
 from torch import nn
 
 from cnnscale.train import deepspeed as ds_config
@@ -50,19 +51,44 @@ def prepare_inputs(images: torch.Tensor, channels_last: bool, dtype: torch.dtype
     return images if dtype is None else images.to(dtype)
 
 
+_PLAIN = ("NO", "MULTI_CPU", "MULTI_GPU")
+
+
+def _plain_optimizer(accelerator: Any, optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside Accelerate's wrapper when the wrapper would only pass calls through (no fp16
+    scaler, no DeepSpeed/FSDP/XLA), else None. Per step the wrapper's ``zero_grad`` calls ``inspect.signature`` and
+    its ``step`` reads an environment flag, and ``accelerator.backward`` divides the loss by 1 (an extra autograd
+    node): about 0.2 ms per step together, measured on a loaded 2-core box, 1-2% of a LeNet-5 step on one thread."""
+    if (type(optimizer) is AcceleratedOptimizer and optimizer.scaler is None
+            and str(accelerator.distributed_type).split(".")[-1] in _PLAIN):
+        return optimizer.optimizer
+    return None
+
+
 def train_step(accelerator: Any, model: nn.Module, task: Task, optimizer: Any, images: torch.Tensor,
                labels: torch.Tensor, clip_grad: float, prof: Any) -> torch.Tensor:
-    """One micro-step under ``accelerator.accumulate``. Returns the detached loss; no ``.item()`` here."""
+    """One micro-step under ``accelerator.accumulate``. Returns the detached loss; no ``.item()`` here. Where
+    Accelerate's wrappers would only pass the calls through (:func:`_plain_optimizer`), they are called directly,
+    with the same effect: the optimiser steps and zeroes gradients only on a sync step, the loss is divided by
+    ``grad_accum`` only when it is above 1."""
+    plain = _plain_optimizer(accelerator, optimizer)
     with accelerator.accumulate(model):
         with prof.phase("fwd_bwd"):
-            with accelerator.autocast():
+            with accelerator.autocast() if accelerator.native_amp else contextlib.nullcontext():
                 loss = task.loss(model, images, labels)
-            accelerator.backward(loss)
+            if plain is not None and accelerator.gradient_accumulation_steps == 1:
+                loss.backward()
+            else:
+                accelerator.backward(loss)
         with prof.phase("optim"):
             if clip_grad and accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if plain is None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            elif accelerator.sync_gradients:
+                plain.step()
+                plain.zero_grad(set_to_none=True)
     return loss.detach()
 
 
