@@ -77,3 +77,7 @@ def run_cli(fn: Callable[[list[str]], int | None], argv: Sequence[str] | None = 
             traceback.print_exc()
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cnnscale study --dry-run | head`: the reader left; say nothing more, exit as SIGPIPE
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 128 + 13

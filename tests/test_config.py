@@ -403,6 +403,23 @@ def test_cnnscale_train_help_subprocess() -> None:
     assert all(f"{flag} " in out for flag in SHORT_FLAGS)
 
 
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """``cnnscale study SPEC --dry-run | head -1``: the reader leaves early; no BrokenPipeError traceback, exit
+    141 (128 + SIGPIPE) as a shell tool would."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    spec = tmp_path / "big.yaml"  # about 400 points: more output than a pipe holds, so the writer must meet the close
+    spec.write_text("name: big\nmodels: [lenet5, resnet18, vgg16, mobilenet_v2]\nworld_sizes: "
+                    f"{list(range(1, 101))}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "cnnscale", "study", str(spec), "--dry-run", "--out",
+                             str(tmp_path / "qs")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            cwd=tmp_path)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # what head does after its first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert first.startswith(b"todo ") and err == ""
+
+
 # ---------------------------------------------------------------------------------------------- the parser
 @dataclasses.dataclass(frozen=True)
 class _Toy:
@@ -472,7 +489,7 @@ SPEC_INVALID: dict[str, Any] = {
     "precisions": ["fp8"], "micro_batches": [0], "global_batch": -1, "grad_accum": 0, "max_micro_batch": -1,
     "min_micro_batch": 0, "max_steps": 0, "data": "mnist", "timeout_s": 0, "threads_per_process": -1,
     "launcher": "mpirun", "overrides": {"lr": 1}, "settings": {"bad name": {}}, "max_batch": {"start": 0},
-    "allreduce_bench": None, "gpus_per_node": -1,
+    "allreduce_bench": None, "gpus_per_node": -1, "repeats": 0,
 }
 
 
