@@ -65,7 +65,8 @@ def test_resume_continues_to_same_weights(tmp_path):
 def test_only_rank0_writes_records_and_report_renders(tmp_path):
     out = _train(tmp_path, "recs", ["--max-steps", "10", "--micro-batch", "16"], nproc=2, port=30103)
     files = sorted(p.name for p in out.iterdir())
-    assert files == [".lock", "checkpoints", "config.yaml", "env.json", "metrics.jsonl", "summary.json"]  # .lock: the writer lock
+    # .lock: the one-writer lock file (fcntl), left in place by design
+    assert files == [".lock", "checkpoints", "config.yaml", "env.json", "metrics.jsonl", "summary.json"]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [5, 10], "each step logged once, by rank 0 only"
     env = read_json(out / "env.json")
