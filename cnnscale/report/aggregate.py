@@ -112,6 +112,7 @@ def _base_row(run: Run) -> dict[str, Any]:
         "run": run.path, "speedup": None, "efficiency": None, "pred_efficiency": None, "pred_error_pts": None,
         "interconnect": None, "pred_calibrated": False, "test_loss": get("test_loss"), "steps": get("steps"),
         "params": run_params(run), "comm_hook": (run.config.get("dist") or {}).get("comm_hook", "none"),
+        "comm_source": "hook" if get("comm_timed_hook") else "probe",  # how the exposed communication was timed
         "repeat": p.repeat if p is not None else 0, "identity": identity(run), "repeats": 1, "step_s": None,
         **_split(s),
     }

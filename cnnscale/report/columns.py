@@ -206,8 +206,9 @@ def _resources(rows: list[dict[str, Any]]) -> TableSpec:
     cols += [Column("optim\n%", _fig("optim_share", share), 3, key="optim_share"),
              _mem_column(rows), _util_column(rows), Column("MFU\n%", _fig("mfu", lambda x: _pct(x, 2)), 1, key="mfu")]
     caption = ("step ms = median step; data / compute / comm / optim = share of the training time spent waiting for "
-               "data, in forward+backward, in gradient all-reduce not hidden by the backward (measured by the "
-               "no_sync probe), in the optimiser; memory = peak over ranks (RSS on CPU, allocator peak on GPU); "
+               "data, in forward+backward, in gradient all-reduce not hidden by the backward (timed in DDP's "
+               "communication hook; runs before it: the no_sync probe), in the optimiser; memory = peak over ranks "
+               "(RSS on CPU, allocator peak on GPU); "
                "util = CPU or GPU busy, not efficiency: MFU beside it.")
     return TableSpec("resources", "resources", tuple(cols), caption)
 

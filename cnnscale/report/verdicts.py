@@ -9,7 +9,8 @@ is a sum of per-image time differences, each divided by ``u(N)``:
 - **shared machine**: when the study has a ``compute_only`` run at the same N (the same launch, all-reduce skipped),
   the growth of everything but data wait from N0 to that run, i.e. what N processes sharing the machine cost each
   other; communication is then the rest, exposed all-reduce and its contention with the compute;
-- without a compute_only run: **exposed communication** is the no_sync probe's measured share, and the rest is
+- without a compute_only run: **exposed communication** is the measured share (DDP's communication hook; the
+  no_sync probe in runs before it), and the rest is
   **slower compute at N** (shared machine or stragglers, which that study cannot tell apart).
 
 The second sentence compares every other settings variant of the same model and precision at the same N (a
@@ -82,7 +83,8 @@ def _parts(rows: list[dict[str, Any]], base: dict[str, Any], top: dict[str, Any]
     grads = (f"{mb:.3g} MB of {'bf16/fp16' if top['comm_hook'] in ('bf16', 'fp16') else 'fp32'} gradients per "
              f"{step_ms:,.0f} ms step" if mb is not None else f"a {step_ms:,.0f} ms step")
     probe = top["comm_share"]
-    probed = f"; the no_sync probe timed {probe * step_ms:,.0f} ms of it as exposed all-reduce" if probe else ""
+    how = "DDP's communication hook" if top.get("comm_source") == "hook" else "the no_sync probe"
+    probed = f"; {how} timed {probe * step_ms:,.0f} ms of it as exposed all-reduce" if probe else ""
     co = _compute_only(rows, top)
     if co is not None:
         uc, dc = _u(co), co["data_share"] or 0.0
