@@ -31,7 +31,7 @@ from cnnscale.models import create_model
 from cnnscale.records.stats import BOOTSTRAP_FROM, ratio_interval
 
 __all__ = ["measure_ratio", "overhead_ratio", "real_image_ratios", "AUTO_HALF_WIDTH", "AUTO_MIN_ROUNDS",
-           "AUTO_MAX_ROUNDS"]
+           "AUTO_MAX_ROUNDS", "seed_step"]
 
 AUTO_HALF_WIDTH = 0.02
 """``--rounds auto`` stops once the interval's half-width is under this share of the median ratio."""
@@ -124,7 +124,7 @@ def _take_batches(loader: Any, n: int, warm: int, step: Callable[[Any], Any] | N
     return images / max(clock(dev) - t, 1e-9)
 
 
-def _seed_step(model: Any, opt: Any, crit: Any, running: list[float]) -> Callable[[Any], None]:
+def seed_step(model: Any, opt: Any, crit: Any, running: list[float]) -> Callable[[Any], None]:
     """The seed tutorial's loop body: zero_grad, forward, loss, backward, step, ``.item()`` every step."""
     def step(batch: Any) -> None:
         x, y = batch
@@ -143,7 +143,7 @@ def _e2e_ratio(args: argparse.Namespace, acc: Any, dcfg: Config, device_train: A
     torch.manual_seed(0)
     seed_model = create_model("lenet5")
     seed_opt = torch.optim.SGD(seed_model.parameters(), lr=0.01, momentum=0.9)
-    seed = _seed_step(seed_model, seed_opt, torch.nn.CrossEntropyLoss(), [0.0])
+    seed = seed_step(seed_model, seed_opt, torch.nn.CrossEntropyLoss(), [0.0])
     setup.train(device_train, max(args.warmup, 1), setup.profiler())
     ours = _profiled(setup, device_train, args.e2e_steps, args.e2e_steps * args.micro_batch)
     res = measure_ratio(ours, lambda: _take_batches(torch_train, args.e2e_steps, warm, seed), args.rounds,
