@@ -13,8 +13,10 @@
    (the recipe's data.val_size held out) and epochs, then the test set. Wall: from building its DataLoader to its test
    accuracy (its imports are not counted: a bias in the seed's favour).
 
-It prints both walls, both test accuracies and the ratio (seed wall / default-path wall), and writes them with
-``--json``. Run it on an idle machine: on a shared one the walls measure the other jobs too.
+The seed loop runs first, then the default path, so that drift of a shared machine later in the run (and the
+default path's own decoding, when its cache is cold) counts against cnnscale. It prints both walls, both test
+accuracies and the ratio (seed wall / default-path wall), and writes them with ``--json``. Run it on an idle
+machine: on a shared one the walls measure the other jobs too.
 
 ``--startup`` measures the decode cache instead: the default path with ``--max-steps 1`` and no evaluation, twice,
 with a fresh, empty ``CNNSCALE_CACHE_DIR`` (a temporary directory, removed afterwards): the first run decodes the
@@ -170,10 +172,10 @@ def main(argv: list[str]) -> int:
             write_json(args.json, res)
         return 0
     cfg = load_config(_flags(args, recipe))
+    seed = seed_loop(cfg, args.workers)  # first: a machine that gets busier later slows the default path, not it
     with tempfile.TemporaryDirectory(prefix="bench-recipe-") as tmp:
         out = Path(args.out) if args.out else Path(tmp) / "run"
         default = default_path(args, recipe, out)
-    seed = seed_loop(cfg, args.workers)
     res = {"recipe": str(recipe), "epochs": args.epochs, "data_dir": args.data_dir, "default": default,
            "seed": seed, "ratio": seed["wall_s"] / default["wall_s"], "threads": torch.get_num_threads(),
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
