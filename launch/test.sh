@@ -22,11 +22,25 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   ) >"$ROOT/.cache/system-packages.log" 2>&1 &
   sys_pid=$!
 fi
-bash launch/setup.sh dev,deepspeed,tensorboard,mlflow,torchao  # the extras tests/test_trackers.py, test_compress.py use
-if [ -n "$sys_pid" ]; then wait "$sys_pid" || true; cat "$ROOT/.cache/system-packages.log" >&2; fi
 export CNNSCALE_CACHE_DIR="${CNNSCALE_CACHE_DIR:-$ROOT/.cache}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$CNNSCALE_CACHE_DIR/torch_extensions}"
 mkdir -p "$TORCH_EXTENSIONS_DIR"
+# DeepSpeed first, then its CPU shared-memory comm op (which the first DeepSpeed run would otherwise compile: about a
+# minute of one core, tests/test_deepspeed.py) built in the background while pip installs the other extras, mostly
+# on one core. Cached in TORCH_EXTENSIONS_DIR: a no-op once built. A failed build only means the first DeepSpeed
+# test builds it.
+bash launch/setup.sh deepspeed
+ds_pid=""
+if [ ! -e "$TORCH_EXTENSIONS_DIR/.shm-comm-built" ]; then
+  ( .venv/bin/python -c 'from deepspeed.accelerator import get_accelerator
+b = get_accelerator().create_op_builder("ShareMemCommBuilder")
+if b is not None:
+    b.load()' && touch "$TORCH_EXTENSIONS_DIR/.shm-comm-built" ) >"$CNNSCALE_CACHE_DIR/deepspeed-op.log" 2>&1 &
+  ds_pid=$!
+fi
+bash launch/setup.sh dev,deepspeed,tensorboard,mlflow,torchao  # the extras tests/test_trackers.py, test_compress.py use
+if [ -n "$sys_pid" ]; then wait "$sys_pid" || true; cat "$ROOT/.cache/system-packages.log" >&2; fi
+if [ -n "$ds_pid" ]; then wait "$ds_pid" || echo "[test] DeepSpeed's comm op did not build ahead (the first DeepSpeed test builds it): $(tail -1 "$CNNSCALE_CACHE_DIR/deepspeed-op.log")" >&2; fi
 if [ "${CI:-}" = "true" ]; then export CNNSCALE_REQUIRE_SLURM=1; fi
 if [ "$(id -u)" = 0 ] && [ -f slurm/local-cluster.sh ]; then
   bash slurm/local-cluster.sh start netns || { [ "${CNNSCALE_REQUIRE_SLURM:-0}" = 1 ] && exit 1; }

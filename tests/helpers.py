@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import torch
+import zygote
 
-__all__ = ["REPO", "PY", "BIN", "train_cmd", "run", "final_weights", "max_abs_diff", "cpu_env"]
+__all__ = ["REPO", "PY", "BIN", "train_cmd", "run", "py_run", "forkable", "final_weights", "max_abs_diff",
+           "cpu_env"]
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -37,9 +39,25 @@ def train_cmd(args: list[str], nproc: int = 1, port: int | None = None, launcher
             "--main_process_port", str(port), script, *args]
 
 
+def forkable(cmd: list[str], env: dict[str, str]) -> bool:
+    """Whether ``cmd`` is one python process (``PY script.py ...`` or ``PY -m module ...``) that the zygote can fork
+    (tests/zygote.py: same process semantics, without the torch import; it runs with OMP_NUM_THREADS=1).
+    ``CNNSCALE_TEST_PLAIN=1`` turns the zygote off for the whole suite."""
+    return (len(cmd) > 1 and cmd[0] == PY and (cmd[1] == "-m" or cmd[1].endswith(".py"))
+            and env.get("OMP_NUM_THREADS", "1") == "1" and os.environ.get("CNNSCALE_TEST_PLAIN") != "1")
+
+
+def py_run(cmd: list[str], *, cwd: str | Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)``, forked from the zygote when :func:`forkable`."""
+    if forkable(cmd, env):
+        return zygote.run(cmd[1:], cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
 def run(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None,
         check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or cpu_env(), cwd=REPO)
+    """Run a command from the repository; a single python process is forked from the zygote (:func:`py_run`)."""
+    proc = py_run(cmd, cwd=REPO, env=env or cpu_env(), timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")

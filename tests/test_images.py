@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import py_run
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -149,7 +150,7 @@ def _train(tree: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
             "--max-steps", "2", "--micro-batch", "8", "--data.val_size", "0", "--train.progress", "none",
             "--profile.enabled", "false", "--out", str(out), *extra]
     env = {**ENV, "CNNSCALE_CACHE_DIR": str(out.parent / "cache")}  # the decode cache of these trees, not the user's
-    return subprocess.run(argv, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
+    return py_run(argv, cwd=out.parent, env=env, timeout=300)  # forked from the zygote: no torch import
 
 
 @pytest.fixture(scope="module")

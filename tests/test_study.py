@@ -128,11 +128,12 @@ def test_max_batch_search_halves_on_oom():
 
 
 def _study_file(tmp: Path) -> Path:
-    """A reduced copy of the quickstart: lenet5 at 1 and 2 processes, plus a model that crashes in the subprocess."""
+    """A reduced copy of the quickstart: lenet5 at 1 and 2 processes, plus a model that crashes in the subprocess.
+    The default settings only: the compute_only variant's launches are tests/test_train.py's and test_commhook.py's."""
     spec = yaml.safe_load((REPO / "configs" / "studies" / "quickstart.yaml").read_text())
     spec.update(name="mini", models=[{"name": "lenet5", "micro_batches": [32], "max_steps": 4},
                                      {"name": "no_such_net", "max_steps": 2}], timeout_s=180,
-                repeats=1)  # one pass: the repeats are tests/test_repeats.py's
+                repeats=1, settings={"default": {}})  # one pass: the repeats are tests/test_repeats.py's
     spec["world_sizes"] = [1, 2]
     spec["overrides"]["data.synthetic_size"] = 256
     path = tmp / "mini.yaml"
@@ -152,7 +153,7 @@ def test_reduced_quickstart_end_to_end_crash_recorded_and_resume(tmp_path):
     no_such = ["no_such_net-ws1-no-mb16", "no_such_net-ws2-no-mb16"]
     first = _study([str(_study_file(tmp_path)), "--out", str(out)], tmp_path)
     assert first.returncode == 1, first.stderr[-3000:]  # a failed point: exit 1, after the report (issue 15)
-    assert "study mini: 6 points: 3 ok, 3 failed, " in first.stderr.strip().splitlines()[-1]
+    assert "study mini: 4 points: 2 ok, 2 failed, " in first.stderr.strip().splitlines()[-1]
     for ws in (1, 2):
         d = out / f"lenet5-ws{ws}-no-mb32"
         assert json.loads((d / "env.json").read_text())["world_size"] == ws, "launcher silently ran world size 1"
@@ -170,7 +171,7 @@ def test_reduced_quickstart_end_to_end_crash_recorded_and_resume(tmp_path):
     assert len(ok) >= 2 and not any(n.startswith("no_such_net") for n in ok)
     second = _study([str(_study_file(tmp_path)), "--out", str(out)], tmp_path)
     assert second.returncode == 1, second.stderr[-3000:]  # no_such_net fails again
-    # the failed points run again, the done ones (lenet5 at both world sizes, and its compute_only calibration) do not
+    # the failed points run again, the done ones (lenet5 at both world sizes) do not
     assert second.stdout.count("done earlier, skipped") == len(ok)
     assert (out / "lenet5-ws2-no-mb32" / "summary.json").stat().st_mtime == mtime
 
