@@ -33,6 +33,7 @@ SMOKE="${SLURM_LOCAL_SMOKE:-1}"
 CRED_EXPIRE="${SLURM_LOCAL_CRED_EXPIRE:-15}"
 CLUSTER=localcluster
 RUN=/run/slurm-local
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)   # the checkout, for cnnscale.lab.netns
 CONF=/etc/slurm/slurm.conf
 DBDCONF=/etc/slurm/slurmdbd.conf
 MARK="# managed by start.sh"
@@ -162,30 +163,23 @@ EOF
 }
 
 # ---------------------------------------------------------------- 4. network
+# The namespaces, veths and bridge are made and removed by the network lab's code (cnnscale/lab/netns.py, shared with
+# `cnnscale study`'s network profiles), run from this checkout with the system python3 (stdlib only) or
+# SLURM_LOCAL_PYTHON; if it cannot run, setup fails and `start` falls back to loopback mode as before.
+lab_netns() {  # lab_netns up|down
+  local py=${SLURM_LOCAL_PYTHON:-}
+  [ -n "$py" ] || py=$(command -v python3 || echo "$REPO_ROOT/.venv/bin/python")
+  PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$py" -m cnnscale.lab.netns "$1" --bridge br-slurm \
+    --bridge-addr "$SUBNET.1/24" --node "slurm-n1,vslurm1,$SUBNET.11/24" --node "slurm-n2,vslurm2,$SUBNET.12/24"
+}
 setup_netns() {
-  ip link show br-slurm >/dev/null 2>&1 || ip link add br-slurm type bridge || return 1
-  ip -4 addr show dev br-slurm | grep -q "inet $SUBNET.1/24" || ip addr add "$SUBNET.1/24" dev br-slurm || return 1
-  ip link set br-slurm up || return 1
-  local i ns
-  for i in 1 2; do
-    ns=slurm-n$i
-    [ -e /run/netns/$ns ] || ip netns add $ns || return 1
-    if ! ip -n $ns link show eth0 >/dev/null 2>&1; then
-      ip link del vslurm$i >/dev/null 2>&1 || true
-      ip link add vslurm$i type veth peer name eth0 netns $ns || return 1
-    fi
-    ip link set vslurm$i master br-slurm up || return 1
-    ip -n $ns -4 addr show dev eth0 | grep -q "inet $SUBNET.1$i/24" || ip -n $ns addr add "$SUBNET.1$i/24" dev eth0 || return 1
-    ip -n $ns link set eth0 up && ip -n $ns link set lo up || return 1
-  done
+  lab_netns up || return 1
   # /etc/hosts seen by processes on the emulated nodes (bind-mounted there only)
   printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n%s.1 slurmctl %s\n%s.11 node1\n%s.12 node2\n' \
     "$SUBNET" "$(hostname)" "$SUBNET" "$SUBNET" > "$RUN/hosts.netns"
 }
 teardown_netns() {
-  local i
-  for i in 1 2; do [ -e /run/netns/slurm-n$i ] && ip netns del slurm-n$i; ip link del vslurm$i >/dev/null 2>&1 || true; done
-  ip link del br-slurm >/dev/null 2>&1 || true
+  lab_netns down
 }
 hosts_add_loopback() {
   grep -q "$HOSTS_MARK" /etc/hosts && return 0
@@ -404,11 +398,9 @@ cmd_stop() {
   fi
 
   # 4. network namespaces / bridge (netns mode) and /etc/hosts line (loopback mode)
-  for i in 1 2; do
-    [ -e /run/netns/slurm-n$i ] && { log "deleting netns slurm-n$i"; ip netns del slurm-n$i; }
-    ip link del vslurm$i >/dev/null 2>&1 || true
-  done
-  ip link show br-slurm >/dev/null 2>&1 && { log "deleting bridge br-slurm"; ip link del br-slurm; }
+  for i in 1 2; do [ -e /run/netns/slurm-n$i ] && log "deleting netns slurm-n$i"; done
+  ip link show br-slurm >/dev/null 2>&1 && log "deleting bridge br-slurm"
+  teardown_netns || log "WARNING: removing the namespaces failed (python -m cnnscale.lab.netns down)"
   if grep -q "$HOSTS_MARK" /etc/hosts 2>/dev/null; then
     tmp=$(grep -v "$HOSTS_MARK" /etc/hosts); printf '%s\n' "$tmp" > /etc/hosts; log "removed node names from /etc/hosts"
   fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
@@ -13,8 +14,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["collect_env", "git_sha", "SLURM_VARS"]
+__all__ = ["collect_env", "git_sha", "network_from_env", "SLURM_VARS", "NETWORK_ENV"]
 
+NETWORK_ENV = "CNNSCALE_NETWORK"  # set by the network lab (cnnscale.lab.launch): env.json's network record, JSON
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NUM_NODES", "SLURM_NODEID",
               "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT", "SLURM_JOB_PARTITION")
 
@@ -34,6 +36,16 @@ def _version(pkg: str) -> str | None:
         return metadata.version(pkg)
     except metadata.PackageNotFoundError:
         return None
+
+
+def network_from_env(environ: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """The network record the lab passed in :data:`NETWORK_ENV` (a JSON object), or None when absent or not one."""
+    text = (os.environ if environ is None else environ).get(NETWORK_ENV)
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def collect_env(accelerator: Any, hostnames: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -62,6 +74,7 @@ def collect_env(accelerator: Any, hostnames: list[str], extra: dict[str, Any] | 
                                                 "nvidia-ml-py")},
         "git_sha": git_sha(),
         "slurm": {k: os.environ[k] for k in SLURM_VARS if k in os.environ},
+        "network": network_from_env(),
     }
     env.update(extra or {})
     return env

@@ -101,6 +101,9 @@ class Env(Record):
     peak_age_s: float | None = None           # seconds since the CPU peak in use was measured
     host_syncs_per_step: int | None = None    # CPU-GPU syncs per optimiser step the precision adds (fp16: 1)
     data_wait_clock: str | None = None        # "cuda events" (GPU idle + loader kernels) or "host" (CPU)
+    # the emulated interconnect (cnnscale.lab), from CNNSCALE_NETWORK: {profile, rate_bps, interface, qdisc,
+    # burst_bytes, measured: {bandwidth_Bps, rtt_s, bytes, seconds}, namespaces}; None: not run in the lab
+    network: dict | None = None
     # schema 0 only (read, never written): the name train_flops_per_img had
     flops_per_img: float | None = None
 
@@ -217,6 +220,7 @@ class Point(Record):
     run_dir: str | None = None
     backend: str | None = None                # local, slurm, ...
     job_id: str | None = None                 # SLURM array task, when there is one
+    network: str | None = None                # the lab's network profile (1gbit, unshaped); None: no network axis
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -43,7 +43,7 @@ from cnnscale.study.stop import die_with_parent
 
 __all__ = ["ACCELERATE_DEFAULTS", "check_gpu_world_sizes", "Outcome", "Backend", "LocalBackend", "BACKENDS",
            "build_command", "classify_failure", "free_port", "LAUNCHERS", "TRAIN_MODULE", "is_script", "target_argv",
-           "point_env", "port_in_use"]
+           "point_env", "port_in_use", "run_group"]
 
 TRAIN_MODULE = "cnnscale.train"
 # accelerate launch flags a user's Accelerate config would otherwise fill: one machine, no launcher-side precision,
@@ -164,18 +164,68 @@ def classify_failure(returncode: int | None, log_text: str, timed_out: bool = Fa
     return "ok", ""
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the point's group (the ranks stop at the next step with a checkpoint), SIGKILL after 20 s."""
+def _kill_groups(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to each launch's group (the ranks stop at the next step with a checkpoint), SIGKILL after 20 s."""
     for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+        live = [p for p in procs if p.poll() is None]
+        for proc in live:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        for proc in live:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                pass
+        if all(p.poll() is not None for p in procs):
             return
+
+
+def _wait_group(procs: list[subprocess.Popen], timeout_s: float, grace_s: float) -> tuple[bool, int | None]:
+    """Wait for every process: (whether ``timeout_s`` passed first, the index of the first that failed). Once one
+    has failed, the rest get ``grace_s`` to exit (a rank waiting on a dead peer would sit out gloo's timeout)."""
+    deadline, failed_at, first = time.monotonic() + timeout_s, 0.0, None
+    while True:
+        codes = [p.poll() for p in procs]
+        now = time.monotonic()
+        if first is None and any(codes):
+            first, failed_at = next(i for i, c in enumerate(codes) if c), now
+        if all(c is not None for c in codes):
+            return False, first
+        if now > deadline or (first is not None and now > failed_at + grace_s):
+            return now > deadline, first
+        time.sleep(0.05)
+
+
+def run_group(cmds: list[list[str]], envs: list[dict[str, str]], log_path: Path, timeout_s: float,
+              grace_s: float = 15.0) -> Outcome:
+    """Start each command (one per rank, or one launcher) in its own session and process group, in the study's
+    working directory, all writing to ``log_path``; wait for all of them. On a timeout, a failed rank whose peers
+    do not follow within ``grace_s``, Ctrl-C or :class:`~cnnscale.study.stop.StudyStopped`, every group is ended
+    (SIGTERM, then SIGKILL). The return code is the first failing rank's, else 0."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0, procs = time.monotonic(), []
+    with open(log_path, "w") as log:
+        for cmd in cmds:
+            log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
         try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            for cmd, env in zip(cmds, envs):
+                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+                                              start_new_session=True,  # own group: a timeout ends every rank
+                                              preexec_fn=die_with_parent))  # SIGTERM to it if the study dies
+            timed_out, first = _wait_group(procs, timeout_s, grace_s)
+            if any(p.poll() is None for p in procs):
+                _kill_groups(procs)
+        except BaseException:  # Ctrl-C, StudyStopped: the ranks are in their own sessions and would not see it
+            _kill_groups(procs)
+            raise
+    text = log_path.read_text(errors="replace")
+    code = procs[first].returncode if first is not None else next((p.returncode for p in procs if p.returncode), 0)
+    status, error = classify_failure(code, text, timed_out)
+    return Outcome(status, error, code, time.monotonic() - t0)
 
 
 class LocalBackend:
@@ -184,26 +234,7 @@ class LocalBackend:
     name = "local"
 
     def run(self, cmd: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> Outcome:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.monotonic()
-        timed_out = False
-        with open(log_path, "w") as log:
-            log.write("$ " + " ".join(cmd) + "\n")
-            log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
-                                    start_new_session=True,  # own process group: a timeout ends every rank
-                                    preexec_fn=die_with_parent)  # SIGTERM to the launcher if the study dies
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(proc)
-            except BaseException:  # Ctrl-C, StudyStopped: the ranks are in their own session and would not see it
-                _kill_group(proc)
-                raise
-        text = log_path.read_text(errors="replace")
-        status, error = classify_failure(proc.returncode, text, timed_out)
-        return Outcome(status, error, proc.returncode, time.monotonic() - t0)
+        return run_group([cmd], [env], log_path, timeout_s)
 
 
 def port_in_use(log_text: str) -> bool:

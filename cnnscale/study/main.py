@@ -20,9 +20,12 @@ package data, :mod:`cnnscale.resources`). A study file (see configs/studies/quic
     settings: {default: {}, bf16_hook: {dist.comm_hook: bf16}, bare: {script: launch/bench_ddp_bare.py}}
     max_batch: {start: 1024, steps: 3}                   # optional: largest micro-batch that fits, per model
     allreduce_bench: true      # fit the "measured" interconnect (cnnscale.study.allreduce_bench) into the study dir
+    networks: [1gbit, 200mbit] # network lab (root): N >= 2 points once per profile, one process per namespace
+    # network: {profile: 1gbit} # the same with one profile; unshaped, or a tc rate <number><kbit|mbit|gbit>
 
 The batch rules are in :mod:`cnnscale.study.matrix`, the local runner in :mod:`cnnscale.study.local`, the SLURM one
-in :mod:`cnnscale.study.slurm`. The command imports no torch: every point is a subprocess.
+in :mod:`cnnscale.study.slurm`, the network lab in :mod:`cnnscale.lab`. The command imports no torch: every point is
+a subprocess.
 
 Behaviour: one ``cnnscale study`` per study directory (an ``fcntl.flock`` on ``OUT/.lock``; a second one is refused
 with one line naming the holder, exit 2). Points run in the caller's working directory with absolute run
@@ -46,7 +49,7 @@ from cnnscale.records.io import LOCK, hold_lock
 from cnnscale.records.schema import POINT_STATUSES
 from cnnscale.report import main as report
 from cnnscale.resources import find_builtin
-from cnnscale.study.launcher import BACKENDS, build_command
+from cnnscale.study.launcher import BACKENDS, build_command, target_argv
 from cnnscale.study.local import preflight, run_study
 from cnnscale.study.matrix import expand, point_args
 from cnnscale.study.outcome import PointRecord, is_done
@@ -63,7 +66,12 @@ def dry_run(spec: StudySpec, out: Path) -> None:
         run_dir = out / p.run_name
         state = "done" if is_done(run_dir, p) else "todo"
         rep = f"  repeat {p.repeat + 1}/{spec.repeats}" if spec.repeats > 1 else ""
-        cmd = build_command(p.script, point_args(p, spec, run_dir), p.world_size, 0, spec.launcher)
+        args = point_args(p, spec, run_dir)
+        if spec.profiles and p.world_size > 1:  # the lab: one process per namespace, env:// rendezvous
+            net = p.network or "unshaped"
+            cmd = [f"{p.world_size} x ip netns exec <lab ns k> [{net}]", sys.executable, *target_argv(p.script), *args]
+        else:
+            cmd = build_command(p.script, args, p.world_size, 0, spec.launcher)
         print(f"{state}  {p.id}{rep}  global_batch={p.global_batch}\n      {' '.join(cmd)}")
 
 

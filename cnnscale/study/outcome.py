@@ -53,7 +53,7 @@ def record_point(run_dir: Path, p: Point, study: str, status: str, error: str, s
                       grad_accum=p.grad_accum, global_batch=p.global_batch, max_steps=p.max_steps, scaling=p.scaling,
                       settings=p.settings, overrides=dict(p.overrides), script=p.script, attempts=attempts,
                       error=error or None, seconds=round(seconds, 1), run_dir=str(run_dir), backend=backend,
-                      job_id=job_id)
+                      job_id=job_id, network=p.network or None)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_point(run_dir, rec)
     return rec

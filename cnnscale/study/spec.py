@@ -16,6 +16,7 @@ from typing import Any
 from cnnscale.config import DATASETS, PRECISIONS, coerce, field_types, from_mapping, load_yaml
 from cnnscale.config.ranges import RANGE, Range, check_fields, check_value, setting, short
 from cnnscale.errors import UserError
+from cnnscale.lab.shape import parse_profile
 from cnnscale.records.schema import SCALINGS
 from cnnscale.study.launcher import LAUNCHERS
 
@@ -43,6 +44,8 @@ class ModelSpec:
     """Overrides the study's global_batch for this model (strong scaling); 0 keeps the study's."""
     max_steps: int = setting(0, ge=0, cap=10**9)
     """Overrides the study's max_steps for this model; 0 keeps the study's."""
+    settings: tuple[str, ...] = setting((), free="each the name of one of the study's settings variants")
+    """The study's settings variants this model runs (e.g. [default, bf16_hook]); () runs them all."""
 
     def __post_init__(self) -> None:
         check_fields(self, f"model {short(self.name, 60)}: ")
@@ -96,10 +99,20 @@ class StudySpec:
     """Time a 2-process all-reduce before the points, to fit the measured interconnect."""
     gpus_per_node: int = setting(0, ge=0, cap=4096)
     """Devices per machine (0: every point runs on this one); the local backend refuses larger world sizes."""
+    networks: tuple[str, ...] = setting((), free="each checked by cnnscale.lab.shape.parse_profile")
+    """Network profiles, one more matrix axis (unshaped, or a tc rate: 10gbit, 1gbit, 200mbit): every point of world
+    size >= 2 runs once per profile, one process per network namespace of the lab (cnnscale.lab); () no lab."""
+    network: str = setting("", free="a profile, checked by cnnscale.lab.shape.parse_profile")
+    """One network profile, ``network: {profile: 1gbit}`` (or ``network: 1gbit``): the same as a one-item networks."""
     source: str = setting("<study>", free="filled in by the loader")
     """Where the spec came from (the file), named in every error."""
     raw: dict[str, Any] | None = setting(None, free="filled in by the loader")
     """The mapping as read, written back as study.yaml."""
+
+    @property
+    def profiles(self) -> tuple[str, ...]:
+        """The network profiles of the matrix (``network`` or ``networks``); () when the study has no lab."""
+        return self.networks or ((self.network,) if self.network else ())
 
     def __post_init__(self) -> None:
         src = self.source
@@ -110,6 +123,27 @@ class StudySpec:
         except UserError as exc:
             raise _fail(src, str(exc)) from None
         # the cross-field rules
+        for key, names in (("networks", self.networks), ("network", (self.network,) if self.network else ())):
+            for name in names:
+                try:
+                    parse_profile(name)
+                except UserError as exc:
+                    raise _fail(src, f"{key}: {exc}") from None
+        if self.network and self.networks:
+            raise _fail(src, "give network (one profile) or networks (a list), not both")
+        if len(set(self.networks)) != len(self.networks):
+            raise _fail(src, f"networks lists a profile twice: {', '.join(self.networks)}")
+        variants = [name for name, _ in self.settings]
+        for name, over in self.settings:
+            for key, mine in (("world_sizes", self.world_sizes), ("networks", self.profiles)):
+                extra = [x for x in over.get(key, ()) if x not in mine]
+                if extra:
+                    raise _fail(src, f"settings.{name}.{key} {extra} are not among the study's {key} {list(mine)}")
+        for m in self.models:
+            bad = [x for x in m.settings if x not in variants]
+            if bad:
+                raise _fail(src, f"model {short(m.name, 60)}: settings {short(bad[0])} is not one of the study's "
+                            f"settings (choose from: {', '.join(variants)})")
         if self.scaling == "strong" and not self.global_batch and not all(m.global_batch for m in self.models):
             raise _fail(src, "strong scaling needs global_batch (fixed images per optimiser step)")
 
@@ -149,6 +183,12 @@ def _flatten(src: str, what: str, d: Any, prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             flat.update(_flatten(src, what, v, key + "."))
+        elif key == "world_sizes" and what.startswith("settings."):  # a variant run at some world sizes only
+            flat[key] = coerce(f"{what}.world_sizes", v, tuple[int, ...])
+            check_value(f"{what}.world_sizes", flat[key], Range(ge=1, cap=65536, nonempty=True))
+        elif key == "networks" and what.startswith("settings."):  # ... or under some network profiles only
+            flat[key] = coerce(f"{what}.networks", v, tuple[str, ...])
+            check_value(f"{what}.networks", flat[key], Range(nonempty=True))
         elif "." not in key and key != "script":
             raise _fail(src, f"{what} key {short(key)} must be section.field (e.g. dist.comm_hook)")
         else:
@@ -195,6 +235,16 @@ def _max_batch(src: str, value: Any) -> dict[str, int] | None:
     return out
 
 
+def _network(src: str, value: Any) -> Any:
+    """``network: {profile: 1gbit}`` -> ``"1gbit"``; a bare value is checked by the field."""
+    if not isinstance(value, dict):
+        return value
+    unknown = sorted(set(value) - {"profile"}, key=str)
+    if unknown or "profile" not in value:
+        raise _fail(src, f"network must be {{profile: NAME}}, got keys {short(sorted(map(str, value)))}")
+    return value["profile"]
+
+
 def _parse(raw: Any, src: str) -> StudySpec:
     if not isinstance(raw, dict):
         raise _fail(src, f"expected a mapping of study keys, got {type(raw).__name__}")
@@ -208,6 +258,8 @@ def _parse(raw: Any, src: str) -> StudySpec:
                           "overrides": tuple(_flatten(src, "overrides", raw.get("overrides") or {}).items()),
                           "settings": _settings(src, raw.get("settings")),
                           "max_batch": _max_batch(src, raw.get("max_batch"))}
+    if "network" in raw:
+        kw["network"] = coerce("network", _network(src, raw["network"]), str)
     types_ = field_types(StudySpec)
     kw.update({k: coerce(k, v, types_[k]) for k, v in raw.items() if k not in kw})
     return StudySpec(**kw, source=src, raw=raw)
