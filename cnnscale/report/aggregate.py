@@ -1,11 +1,12 @@
 """Run records -> flat rows (one per run; also the CSV/JSON export rows) with speedup, efficiency and prediction.
 
-Throughput is the run's ``img_per_s`` (images over time). Rows are grouped by model, precision, settings variant
-and per-worker batch (weak scaling; the global batch for strong scaling). Against the group's smallest world size
-N0: ``speedup = tput(N) / tput(N0)`` and ``efficiency = tput(N) · N0 / (N · tput(N0))`` (with N0 = 1, the
-textbook ``tput(N) / (N · tput(1))``). ``pred`` is the scaling model's efficiency (:mod:`cnnscale.scaling.model`) from
-N0's measured step time, the gradient bytes (the parameter count the records state) and the interconnect; ``err``
-is pred - measured, in points.
+Throughput is the run's ``img_per_s`` (images over time). Rows are grouped by model, precision, settings variant and
+per-worker batch (weak scaling; the global batch for strong scaling); a lab point's network profile (``network``)
+keeps its points apart, and all of a curve's profiles share the one N=1 baseline, which has none. Against the
+group's smallest world size N0: ``speedup = tput(N) / tput(N0)`` and ``efficiency = tput(N) · N0 / (N · tput(N0))``
+(with N0 = 1, the textbook ``tput(N) / (N · tput(1))``). ``pred`` is the scaling model's efficiency
+(:mod:`cnnscale.scaling.model`) from N0's measured step time, the gradient bytes (the parameter count the records
+state) and the interconnect; ``err`` is pred - measured, in points.
 
 Repeats: every run is a row first, and speedup, efficiency and the prediction are computed per run against the
 baseline run of the **same repeat index** (repeat i at N against repeat i at N0; a repeat whose partner at N0 did not
@@ -23,6 +24,7 @@ from cnnscale.records.stats import median
 from cnnscale.report.load import (
     pick_interconnect,
     run_model,
+    run_network,
     run_params,
     run_status,
     run_world_size,
@@ -38,7 +40,7 @@ COLUMNS = ("model", "settings", "precision", "scaling", "world_size", "num_nodes
            "global_batch", "status", "img_per_s", "speedup", "efficiency", "pred_efficiency", "pred_error_pts",
            "step_ms", "sync_share", "peak_mem_bytes", "mem_kind", "util_pct", "util_kind", "mfu", "final_loss",
            "test_acc", "interconnect", "error", "run", "data_share", "compute_share", "optim_share", "comm_share",
-           "step_s", "repeats", "test_loss", "steps", "params", "comm_hook",
+           "step_s", "repeats", "test_loss", "steps", "params", "comm_hook", "network",
            *(f"{k}_{b}" for k in INTERVAL_FIGURES for b in ("lo", "hi")), "interval", "within_noise", "suspect")
 """The export columns: one row per point; ``<figure>_lo``/``_hi`` bound the figures of :data:`INTERVAL_FIGURES`
 (null when the point ran once), ``interval`` says how (min-max, bootstrap95), ``suspect`` maps a figure to the
@@ -64,10 +66,10 @@ def _base_key(row: dict[str, Any]) -> tuple:
 
 
 def _sort_key(row: dict[str, Any]) -> tuple:
-    """Model, then default settings and fp32 first, then batch and world size."""
+    """Model, then default settings and fp32 first, then batch, network profile (none first) and world size."""
     model, prec, settings, scal, batch = group_key(row)
-    return (model, settings != "default", settings, prec != "no", prec, scal, batch or 0, row["world_size"],
-            row["run"])
+    return (model, settings != "default", settings, prec != "no", prec, scal, batch or 0, row.get("network") or "",
+            row["world_size"], row["run"])
 
 
 def identity(run: Run) -> str | None:
@@ -114,6 +116,7 @@ def _base_row(run: Run) -> dict[str, Any]:
         "params": run_params(run), "comm_hook": (run.config.get("dist") or {}).get("comm_hook", "none"),
         "comm_source": "hook" if get("comm_timed_hook") else "probe",  # how the exposed communication was timed
         "repeat": p.repeat if p is not None else 0, "identity": identity(run), "repeats": 1, "step_s": None,
+        "network": run_network(run),
         **_split(s),
     }
 
@@ -177,10 +180,12 @@ def _step_s(row: dict[str, Any]) -> float | None:
 
 
 def _baselines(pairs: list[tuple[dict[str, Any], Run]]) -> dict[tuple, dict[Any, dict[str, Any]]]:
-    """Per curve: its baseline runs (the smallest N) by repeat index, and under ``None`` the median one of them."""
+    """Per curve: its baseline runs (the smallest N) by repeat index, and under ``None`` the median one of them. A lab
+    point (a network profile) is never a baseline: the lab's baseline is N=1, which has no profile."""
     runs: dict[tuple, list[dict[str, Any]]] = {}
     for row, _ in pairs:
-        if row["status"] == "ok" and row["img_per_s"] and "compute_only" not in row["settings"]:
+        if (row["status"] == "ok" and row["img_per_s"] and "compute_only" not in row["settings"]
+                and not row.get("network")):
             same = runs.setdefault(group_key(row), [])
             if same and row["world_size"] < same[0]["world_size"]:
                 same.clear()
@@ -231,6 +236,8 @@ def run_rows(runs: list[Run], fits: dict[str, dict[str, Any]] | None = None, int
     bases = _baselines(pairs)
     for row, run in pairs:
         base_runs = bases.get(_base_key(row))
+        if base_runs is None and row.get("network"):  # a lab variant (a hook, a bucket size) without its own N=1:
+            base_runs = bases.get((*_base_key(row)[:2], "default", *_base_key(row)[3:]))  # at N=1 there is no comm
         if row["status"] != "ok" or not row["img_per_s"] or base_runs is None:
             continue
         base = base_runs.get(row["repeat"]) or base_runs[None]

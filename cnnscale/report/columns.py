@@ -76,11 +76,11 @@ def _pct(x: float | None, digits: int = 1) -> str:
 
 
 def variant_label(row: dict[str, Any]) -> str:
-    """Settings variant, with the precision when not fp32 and the global batch under strong scaling."""
+    """Settings variant, with the precision when not fp32, and ``@profile`` for a lab point's network."""
     label = row["settings"]
     if row["precision"] != "no":
         label = row["precision"] if label == "default" else f"{label} {row['precision']}"
-    return label
+    return f"{label} @{row['network']}" if row.get("network") else label
 
 
 def display_rows(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any] | None]]:

@@ -8,6 +8,8 @@ that needs it is "n/a", with one warning naming the run.
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,17 @@ from cnnscale.scaling import model as scaling
 
 __all__ = ["load_records", "run_status", "status_note",
            "settings_label", "find_fits", "pick_interconnect", "run_params", "run_train_flops",
-           "run_model", "run_world_size", "ALLREDUCE_FIT", "CONFIG_KEYS"]
+           "run_model", "run_world_size", "run_network", "network_record", "lab_fit", "profile_preset",
+           "profile_rate_bps", "profile_order",
+           "ALLREDUCE_FIT", "LAB_FIT", "LAB_WEIGHT_POWER", "CONFIG_KEYS"]
 
 ALLREDUCE_FIT = "allreduce.json"
+LAB_FIT = "allreduce-{profile}-ws{n}.json"
+"""The lab's all-reduce fit of one network profile at one world size, in the study directory."""
+LAB_WEIGHT_POWER = 1.0
+"""The lab's α-β fits weight each size by 1/t (:func:`cnnscale.scaling.model.fit_alpha_beta`): a shaped link's
+small messages are erratic (1-4 ms at 1-64 KiB under tbf at 200mbit), and a relative-error fit that follows them
+misses the 16 MiB all-reduce by 30%; weighted by 1/t it stays within 5% from 1 MiB up, where the buckets are."""
 CONFIG_KEYS = ("dist",)
 """The config.yaml sections the report reads (parsing only these keeps 1,000 runs fast)."""
 
@@ -142,21 +152,88 @@ def run_train_flops(run: Run) -> float | None:
     return None
 
 
+def run_network(run: Run) -> str:
+    """The run's network profile (the lab's ``network`` axis), "" for none: point.json's when the run is a study's
+    point (a lab's compute_only calibration runs in the namespaces unshaped, but has no network axis), else
+    env.json's."""
+    if run.point is not None:
+        prof = getattr(run.point, "network", None)
+    else:
+        prof = network_record(run).get("profile")
+    return prof if isinstance(prof, str) else ""
+
+
+def network_record(run: Run) -> dict[str, Any]:
+    """env.json's ``network`` record (profile, rate, measured link), or {} when the run has none."""
+    rec = getattr(run.env, "network", None)
+    return rec if isinstance(rec, dict) else {}
+
+
 def find_fits(roots: list[str | Path], runs: list[Run]) -> dict[str, dict[str, Any]]:
-    """``allreduce.json`` benchmark fits by directory: in each root and in each run's parent (a study directory)."""
+    """``allreduce.json`` benchmark fits by directory: in each root and in each run's parent (a study directory);
+    and the lab's per-profile, per-N fits (``allreduce-<profile>-ws<N>.json``) by their resolved file path."""
     fits: dict[str, dict[str, Any]] = {}
     for d in {Path(r) for r in roots} | {Path(run.path).parent for run in runs}:
-        f = d / ALLREDUCE_FIT
-        if f.is_file():
+        found = [(str(d.resolve()), d / ALLREDUCE_FIT)] if (d / ALLREDUCE_FIT).is_file() else []
+        found += [(str(f.resolve()), f) for f in sorted(d.glob("allreduce-*-ws*.json"))] if d.is_dir() else []
+        for key, f in found:
             try:
-                fits[str(d.resolve())] = read_json(f)
+                fits[key] = read_json(f)
             except (OSError, ValueError):
                 continue
     return fits
 
 
+def lab_fit(run: Run, fits: dict[str, dict[str, Any]], profile: str, n: int) -> dict[str, Any] | None:
+    """The lab's all-reduce fit of ``profile`` at world size ``n`` beside ``run`` (its study directory), or None."""
+    if not profile:
+        return None
+    fit = fits.get(str((Path(run.path).parent / LAB_FIT.format(profile=profile, n=n)).resolve()))
+    return fit if fit and fit.get("sizes_bytes") and fit.get("times_s") else None
+
+
+def profile_rate_bps(profile: str) -> float | None:
+    """The rate a profile's name states (``200mbit`` -> 2e8 bits/s), None for ``unshaped`` or another name."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg])bit", profile)
+    return float(m.group(1)) * {"k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)] if m else None
+
+
+def profile_order(profiles: set[str] | list[str]) -> list[str]:
+    """Profiles fastest first (``unshaped`` before any rate, names without a rate last, by name)."""
+    def key(p: str) -> tuple:
+        rate = profile_rate_bps(p)
+        return (0 if p == "unshaped" else 1 if rate else 2, -(rate or 0.0), p)
+    return sorted(set(profiles), key=key)
+
+
+def profile_preset(run: Run, profile: str) -> scaling.Interconnect:
+    """The "preset" of a lab profile with no all-reduce fit: the link env.json measured (bandwidth, half the
+    round trip), else the profile's rate at 90% (one-way latency 50 µs); cpu-shm for an unshaped link."""
+    rec = network_record(run)
+    measured = rec.get("measured") if isinstance(rec.get("measured"), dict) else {}
+    bw, rtt = measured.get("bandwidth_Bps"), measured.get("rtt_s")
+    rate = rec.get("rate_bps") or profile_rate_bps(profile)
+    if not bw and rate:
+        bw = 0.9 * float(rate) / 8
+    if not bw:
+        return replace(scaling.PRESETS["cpu-shm"], name=f"{profile}:preset")
+    lat = float(rtt) / 2 if rtt else 50e-6
+    return scaling.Interconnect(f"{profile}:preset", float(bw), lat, 0.0, f"preset from the {profile} link")
+
+
 def pick_interconnect(run: Run, fits: dict[str, dict[str, Any]], name: str | None) -> scaling.Interconnect:
-    """``name`` if given; else the run's study fit on CPU ("measured"), else a preset for the run's hardware."""
+    """``name`` if given; else, for a lab run (a network profile), the fit of its own profile and N
+    (``<profile>:fitted``) or the profile's preset (``<profile>:preset``); else the run's study fit on CPU
+    ("measured"), else a preset for the run's hardware."""
+    profile = run_network(run)
+    if name is None and profile:
+        n = run_world_size(run) or 1
+        fit = lab_fit(run, fits, profile, n)
+        if fit:
+            ic = scaling.interconnect_from_fit({**fit, "world_size": fit.get("world_size", n)},
+                                               weight_power=LAB_WEIGHT_POWER)
+            return replace(ic, name=f"{profile}:fitted")
+        return profile_preset(run, profile)
     fit = fits.get(str(Path(run.path).parent.resolve()))
     if name == "measured" or (name is None and fit and fit.get("device_type", "cpu") == run.env.device_type):
         if not fit:

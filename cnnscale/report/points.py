@@ -33,10 +33,11 @@ SHARES = ("data_share", "compute_share", "comm_share", "optim_share", "sync_shar
 
 
 def point_key(row: dict[str, Any]) -> tuple:
-    """What makes runs repeats of one point: the curve (model, precision, settings, scaling, batch), N, identity."""
+    """What makes runs repeats of one point: the curve (model, precision, settings, scaling, batch), the network
+    profile, N, identity."""
     from_batch = row["global_batch"] if row["scaling"] == "strong" else (row["micro_batch"] or 0) * row["grad_accum"]
-    return (row["model"], row["precision"], row["settings"], row["scaling"], from_batch, row["world_size"],
-            row.get("identity"))
+    return (row["model"], row["precision"], row["settings"], row["scaling"], from_batch, row.get("network") or "",
+            row["world_size"], row.get("identity"))
 
 
 def suspects(row: dict[str, Any]) -> dict[str, str]:

@@ -18,7 +18,9 @@ needs the same cores as the compute. So exposed = overlap · exposed_if_overlapp
 
 What the model leaves out (and where its misses come from): compute slowing down when workers share a machine
 (memory bandwidth, the other engineers' jobs on a shared box), stragglers, DDP's per-step bookkeeping and the
-first-bucket latency of the launch, and the network's contention in multi-node rings.
+first-bucket latency of the launch, and the network's contention in multi-node rings. The switchable terms of
+:mod:`cnnscale.scaling.terms` (gloo's real ring, DDP's buckets, partial overlap, the straggler) add the first
+three; :mod:`cnnscale.scaling.fit` fits them on one part of a lab matrix and checks them on the other.
 """
 
 from __future__ import annotations
@@ -123,18 +125,21 @@ def grad_bytes(params: int, comm_hook: str = "none") -> float:
     return params * (2 if comm_hook in ("fp16", "bf16") else 4)
 
 
-def fit_alpha_beta(sizes: Sequence[float], times: Sequence[float], n: int, name: str = "measured") -> Interconnect:
+def fit_alpha_beta(sizes: Sequence[float], times: Sequence[float], n: int, name: str = "measured",
+                   weight_power: float = 2.0) -> Interconnect:
     """Least-squares fit of the ring model to measured all-reduce times: t = 2(n-1)·α + 2(n-1)/n·bytes·β.
 
-    α and β are clamped at a tiny positive value (a noisy fit can go negative). Returns a CPU-style interconnect
-    (overlap 0) named ``name``; callers on GPUs can ``dataclasses.replace`` the overlap.
+    Each size is weighted by ``1 / t**weight_power``: 2 (the default) makes every size count alike (relative
+    error); 1 leans toward the large messages, where a gradient's buckets are, for a benchmark whose small messages
+    are erratic (a shaped link's burst, TCP's delayed acks). α and β are clamped at a tiny positive value (a noisy
+    fit can go negative). Returns a CPU-style interconnect (overlap 0) named ``name``; callers on GPUs can
+    ``dataclasses.replace`` the overlap.
     """
     if len(sizes) != len(times) or len(sizes) < 2:
         raise ValueError("need at least two (size, time) pairs to fit α and β")
     a = [2 * (n - 1)] * len(sizes)
     b = [2 * (n - 1) / n * s for s in sizes]
-    # Weighted so that every size counts alike (relative error), not only the big messages.
-    w = [1.0 / max(t, 1e-9) ** 2 for t in times]
+    w = [1.0 / max(t, 1e-9) ** weight_power for t in times]
     saa = sum(wi * ai * ai for wi, ai in zip(w, a))
     sab = sum(wi * ai * bi for wi, ai, bi in zip(w, a, b))
     sbb = sum(wi * bi * bi for wi, bi in zip(w, b))
@@ -149,9 +154,10 @@ def fit_alpha_beta(sizes: Sequence[float], times: Sequence[float], n: int, name:
     return Interconnect(name, 1.0 / beta, alpha, 0.0, f"fitted: α={alpha * 1e6:.1f} µs, bw={1 / beta / 1e9:.2f} GB/s")
 
 
-def interconnect_from_fit(fit: dict, overlap: float | None = None) -> Interconnect:
-    """The ``measured`` interconnect from an ``allreduce.json`` written by launch/bench_allreduce.py."""
-    ic = fit_alpha_beta(fit["sizes_bytes"], fit["times_s"], int(fit["world_size"]))
+def interconnect_from_fit(fit: dict, overlap: float | None = None, weight_power: float = 2.0) -> Interconnect:
+    """The ``measured`` interconnect from an ``allreduce.json`` written by launch/bench_allreduce.py (weights as
+    :func:`fit_alpha_beta`)."""
+    ic = fit_alpha_beta(fit["sizes_bytes"], fit["times_s"], int(fit["world_size"]), weight_power=weight_power)
     if overlap is None:
         overlap = 0.0 if fit.get("device_type", "cpu") == "cpu" else 1.0
     return replace(ic, overlap=overlap, note=f"{ic.note} ({fit.get('backend', '?')}, {fit['world_size']} procs)")
