@@ -24,9 +24,10 @@ from torch import nn
 
 from cnnscale.config import Config, FastConfig, ModelConfig, TrainConfig
 from cnnscale.errors import UserError
-from cnnscale.models import create_model
+from cnnscale.models import create_model, get_model_builder
 from cnnscale.profile import gpus
 from cnnscale.profile.commhook import timed_ddp_handler
+from cnnscale.profile.countcache import cached_counts, count_key
 from cnnscale.profile.flops import count_flops
 from cnnscale.profile.mfu import MfuInputs
 from cnnscale.train import deepspeed as ds_config
@@ -227,15 +228,21 @@ def total_steps(tcfg: TrainConfig, per_epoch: int) -> int:
 
 @functools.lru_cache(maxsize=32)
 def _count(name: str, num_classes: int, width_mult: float | None, shape: tuple[int, ...]) -> tuple[float, float]:
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # model init must not consume the training RNG
-        model = create_model(name, num_classes=num_classes, width_mult=width_mult)
-    counts = count_flops(model, input_shape=shape, backward=True)
-    return counts["flops"], counts["fwd_bwd_flops"]
+    def count() -> dict[str, float]:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # model init must not consume the training RNG
+            model = create_model(name, num_classes=num_classes, width_mult=width_mult)
+        counts = count_flops(model, input_shape=shape, backward=True)
+        return {"fwd": counts["flops"], "train": counts["fwd_bwd_flops"]}
+
+    key = count_key("flops", name, num_classes, width_mult, shape, get_model_builder(name))
+    counts = cached_counts(key, count, names=("fwd", "train"))
+    return counts["fwd"], counts["train"]
 
 
 def model_flops(mcfg: ModelConfig, image_shape: tuple[int, int, int] = (3, 32, 32)) -> dict[str, float]:
     """``fwd_flops_per_img`` and ``train_flops_per_img`` (forward+backward), counted by FlopCounterMode on a meta
-    copy of the model (no memory, no compute; about 0.1-1 s for the zoo's models, cached per model config)."""
+    copy of the model (no memory, no compute; about 0.1-1.4 s of CPU for the zoo's models), once per host and model
+    config: cached in the process and under the cache directory (:mod:`cnnscale.profile.countcache`)."""
     fwd, train = _count(mcfg.name, mcfg.num_classes, mcfg.width_mult, (1, *image_shape))
     return {"fwd_flops_per_img": fwd, "train_flops_per_img": train}
 

@@ -144,8 +144,8 @@ def _fit(p: Parts, guard: preempt.SignalGuard) -> dict[str, Any]:
     stopped = _loop(p, st, guard, progress)
     p.prof.stop()
     progress.close()
-    if st.diverged is None:
-        _save(p, st)  # collective: every rank saves its part, rank 0 publishes the directory atomically
+    if st.diverged is None:  # collective: every rank saves its part, rank 0 publishes the directory atomically
+        _save(p, st, write=stopped or cfg.train.final_ckpt)
     if st.diverged is not None:
         return finish.finish_diverged(p, st)
     if stopped:
@@ -217,12 +217,14 @@ def _end_epoch(p: Parts, st: State) -> dict[str, float]:
     return val
 
 
-def _save(p: Parts, st: State) -> None:
-    """A checkpoint of every rank (collective), unless the weights are not finite (then ``st.diverged``)."""
+def _save(p: Parts, st: State, write: bool = True) -> None:
+    """A checkpoint of every rank (collective), unless the weights are not finite (then ``st.diverged``); with
+    ``write`` False (``train.final_ckpt`` off at the end of a run) only the weights' check."""
     if p.cfg.train.stop_on_nonfinite and not diverge.weights_finite(p.acc, p.model):
         st.diverged = diverge.nonfinite_message("weights", None, st.step, p.scheduler.get_last_lr()[0])
         return
-    checkpoint.save_checkpoint(p.acc, p.files.run_dir, st.position(), keep=p.cfg.train.keep_ckpts)
+    if write:
+        checkpoint.save_checkpoint(p.acc, p.files.run_dir, st.position(), keep=p.cfg.train.keep_ckpts)
 
 
 def run(cfg: Config, task: Task | None = None, model: nn.Module | None = None) -> RunResult:
