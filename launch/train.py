@@ -10,9 +10,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from cnnscale.errors import run_cli  # noqa: E402
+from cnnscale.train.__main__ import finish  # noqa: E402  (the exit of python -m cnnscale.train)
 from cnnscale.train.cli import main  # noqa: E402
 
 __all__: list[str] = []
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, prog="train.py"))
+    finish(run_cli(main, prog="train.py"))

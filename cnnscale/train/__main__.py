@@ -12,11 +12,12 @@ is still alive (gloo's or NCCL's, which ``run`` should have joined: the abort at
 import gc
 import os
 import sys
+from typing import NoReturn
 
 from cnnscale.errors import run_cli
 from cnnscale.train.cli import main
 
-__all__ = ["COMM_THREADS", "comm_threads", "comm_threads_alive"]
+__all__ = ["COMM_THREADS", "comm_threads", "comm_threads_alive", "finish"]
 
 COMM_THREADS = ("pt_gloo", "gloo", "pt_nccl", "nccl")
 """Prefixes of the OS thread names of torch.distributed's gloo and NCCL threads (pt_gloo_runloop, gloo_tcp_loop,
@@ -48,8 +49,13 @@ def comm_threads_alive() -> bool:
     return comm_threads() != []
 
 
-if __name__ == "__main__":
-    code = run_cli(main, prog="cnnscale.train")
+def finish(code: int) -> NoReturn:
+    """End the process with ``code``, freezing the GC first when no communication thread is alive (see the module
+    docstring): the exit of ``python -m cnnscale.train`` and of ``launch/train.py``."""
     if not comm_threads_alive():
         gc.freeze()  # exiting now: skip the final collections' walk over every object alive (see the docstring)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    finish(run_cli(main, prog="cnnscale.train"))
