@@ -26,7 +26,7 @@ def test_bench_lenet5_runs_and_writes_json(tmp_path: Path) -> None:
     env = {**ENV, "CNNSCALE_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=360)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "lenet5" in proc.stdout and "measured:cpu matmul fp32" in proc.stdout
+    assert "lenet5" in proc.stdout and "measured:cpu matmul+conv fp32" in proc.stdout
     assert "CPU peak remeasured" in proc.stdout and "cache hit" in proc.stdout  # refreshed once, then reused
     assert len(list((tmp_path / "cache" / "peak").glob("*-t1-fp32-*.json"))) == 1
     assert "overhead lenet5" in proc.stdout and ("PASS" in proc.stdout or "MISS" in proc.stdout)

@@ -79,7 +79,7 @@ def test_training_uses_the_cached_value_and_records_source_and_age(cache: Path) 
     key = peak_key(torch.get_num_threads(), "fp32")
     cached_peak(key, Measure([1.25]))
     info = mfu.mfu_setup(torch.device("cpu"), mfu.MfuInputs(flops_per_img=1e6))
-    assert info["peak_tflops"] == 1.25 and info["peak_source"] == "measured:cpu matmul fp32"
+    assert info["peak_tflops"] == 1.25 and info["peak_source"] == "measured:cpu matmul+conv fp32"
     assert info["peak_cache"] == "hit" and info["peak_age_s"] >= 0
 
 

@@ -185,7 +185,7 @@ def test_peak_table_and_mfu() -> None:
     assert lookup_peak("Some Future GPU", "bf16") == (None, None)
     assert compute_dtype("no", "cuda", True) == "tf32" and compute_dtype("no", "cpu", True) == "fp32"
     peak, source = resolve_peak(torch.device("cpu"), "no")
-    assert peak > 0 and source == "measured:cpu matmul fp32"
+    assert peak > 0 and source == "measured:cpu matmul+conv fp32"
     assert resolve_peak(torch.device("cpu"), "bf16", override=2.5) == (2.5, "config:bf16")
     assert mfu(3e9, 100.0, 1.5) == {"gflops_per_img": 3.0, "achieved_tflops": pytest.approx(0.3),
                                     "mfu": pytest.approx(0.2)}
@@ -220,7 +220,7 @@ def test_profiler_on_and_off_train_bitwise_identically(tmp_path: Path) -> None:
     assert on["gflops_per_img"] == pytest.approx(3_204_720 / 1e9) and on["mfu"] > 0
     assert "step_ms_p50" in on and "step_ms_p50" not in off
     env = json.loads((tmp_path / "on" / "env.json").read_text())
-    assert env["profiling"] is True and env["peak_source"] == "measured:cpu matmul fp32"
+    assert env["profiling"] is True and env["peak_source"] == "measured:cpu matmul+conv fp32"
     assert env["nvml"].startswith("n/a")
     traces = list((tmp_path / "on" / "trace").glob("*.json"))
     assert len(traces) == 1 and '"traceEvents"' in traces[0].read_text()

@@ -100,6 +100,14 @@ def test_launch_commands():
     assert venv_cmd[:2] == [str(Path(sys.executable).parent / "accelerate"), "launch"]
     cmd = launcher.build_command("t.py", [], 2, 29777, "torchrun", python="/nonexistent/python")
     assert "127.0.0.1:29777" in cmd and cmd[cmd.index("--nproc-per-node") + 1] == "2"
+    # direct: the target itself, started once per rank with the env:// rendezvous on this machine
+    assert launcher.build_command("t.py", ["--a"], 2, 29777, "direct", python="/v/bin/python") == [
+        "/v/bin/python", "t.py", "--a"]
+    envs = launcher.direct_envs({"OMP_NUM_THREADS": "1"}, 2, 29777)
+    assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"], e["LOCAL_WORLD_SIZE"]) for e in envs] == [
+        ("0", "0", "2", "2"), ("1", "1", "2", "2")]
+    assert all(e["MASTER_ADDR"] == "127.0.0.1" and e["MASTER_PORT"] == "29777" and e["OMP_NUM_THREADS"] == "1"
+               for e in envs)
     assert launcher.point_env(1, {})["OMP_NUM_THREADS"] == "1"
     assert "OMP_NUM_THREADS" not in launcher.point_env(0, {})
     assert "PYTHONPATH" not in launcher.point_env(1, {})  # the installed package, not a checkout on the path

@@ -5,7 +5,7 @@ machine (the other ranks were competing for the cores). So it is measured once, 
 
 - under the cache directory (``CNNSCALE_CACHE_DIR``; default ``$XDG_CACHE_HOME/cnnscale`` or ``~/.cache/cnnscale``),
   in ``peak/``, one strict JSON file per key;
-- keyed by host name, CPU model, torch thread count, torch version and dtype (:class:`PeakKey`);
+- keyed by host name, CPU model, torch thread count, torch version, dtype and probe (:class:`PeakKey`);
 - shared safely by concurrent processes: the file is replaced atomically (a reader never sees half of it), and a
   process that finds no entry takes an ``fcntl`` lock on ``<entry>.lock`` before measuring, so the ranks of one
   launch measure once between them: the others wait on the lock (idle, not competing) and then read the result;
@@ -83,6 +83,9 @@ class PeakKey:
     threads: int
     torch: str
     dtype: str
+    probe: str = "matmul+conv3x3"
+    """What was timed: the faster of a matmul and a 3x3 convolution (entries of the matmul-only probe, which
+    read half the convolution's speed on an AMD EPYC, are not reused)."""
 
     @property
     def filename(self) -> str:
@@ -162,7 +165,7 @@ def warm_peak_cache(threads: int, dtypes: tuple[str, ...] = ("fp32",), refresh: 
                     timeout_s: float = 300.0) -> list[dict[str, Any]]:
     """Make sure the cache holds this host's CPU peak at ``threads`` (>= 1) torch threads for each dtype; call it in
     the parent before starting CPU ranks. A hit costs a file read (no torch); a miss measures in one child process
-    (torch import plus about 1 s per dtype). Returns ``{"dtype", "tflops", "peak_cache", "peak_age_s"}`` per dtype.
+    (torch import plus about 2 s per dtype). Returns ``{"dtype", "tflops", "peak_cache", "peak_age_s"}`` per dtype.
     A child that fails is a one-line UserError naming its last output line."""
     if threads < 1:
         raise UserError(f"warm_peak_cache: threads must be >= 1, got {threads}")

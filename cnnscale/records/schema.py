@@ -92,7 +92,7 @@ class Env(Record):
     # profiling set-up
     profiling: bool | None = None
     peak_tflops: float | None = None          # per device, what MFU is measured against
-    peak_source: str | None = None            # "table:...", "measured:cpu matmul fp32", "config:..."
+    peak_source: str | None = None            # "table:...", "measured:cpu matmul+conv fp32", "config:..."
     nvml: str | None = None                   # "ok" or why NVML is n/a
     sync_probe_every: int | None = None
     sync_measured: bool | None = None

@@ -15,7 +15,14 @@ Launch forms (see ../shared/STACK-FACTS.md for the forms that silently run world
 - world size N: ``accelerate launch --multi_gpu --num_processes N --num_machines 1 --main_process_port P
   --machine_rank 0 --mixed_precision no --dynamo_backend no -m cnnscale.train ARGS`` (the trainer makes the
   Accelerator with ``cpu=True`` when there is no GPU, so this is gloo on CPU), or ``torchrun --nnodes 1
-  --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:P -m ...``.
+  --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:P -m ...``, or ``direct``: N copies of
+  ``python -m cnnscale.train ARGS`` started by the study itself with torch.distributed's ``env://`` rendezvous
+  (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR=127.0.0.1``, ``MASTER_PORT``), the
+  form the network lab uses in its namespaces (:mod:`cnnscale.lab.launch`). No agent process: on a small CPU box
+  the launcher's own start-up (it imports torch, ~3.6 s) and its rendezvous are a large part of a short point.
+  Without an agent there is no restart on failure; a rank that fails ends its peers after a grace period
+  (:func:`run_group`), and a rank whose study dies exits (parent-death signal and
+  :func:`cnnscale.train.preempt.watch_parent`).
 
 The launcher's own defaults are passed explicitly (:data:`ACCELERATE_DEFAULTS`): ``accelerate launch`` fills every
 flag left out from the user's ``default_config.yaml``, so a ``dynamo_backend: inductor`` there would compile every
@@ -43,13 +50,13 @@ from cnnscale.study.stop import die_with_parent
 
 __all__ = ["ACCELERATE_DEFAULTS", "check_gpu_world_sizes", "Outcome", "Backend", "LocalBackend", "BACKENDS",
            "build_command", "classify_failure", "free_port", "LAUNCHERS", "TRAIN_MODULE", "is_script", "target_argv",
-           "point_env", "port_in_use", "run_group"]
+           "point_env", "port_in_use", "run_group", "direct_envs"]
 
 TRAIN_MODULE = "cnnscale.train"
 # accelerate launch flags a user's Accelerate config would otherwise fill: one machine, no launcher-side precision,
 # no TorchDynamo (the trainer's fast.compile decides compilation).
 ACCELERATE_DEFAULTS = ("--machine_rank", "0", "--mixed_precision", "no", "--dynamo_backend", "no")
-LAUNCHERS = ("accelerate", "torchrun")
+LAUNCHERS = ("accelerate", "torchrun", "direct")
 
 _OOM = ("CUDA out of memory", "OutOfMemoryError", "DefaultCPUAllocator: can't allocate memory",
         " out of memory.", "MemoryError")
@@ -107,13 +114,21 @@ def build_command(target: str | Path, args: list[str], world_size: int, port: in
                   python: str = sys.executable) -> list[str]:
     """The argument list that starts ``target`` (a module, or a ``.py`` script) on ``world_size`` local processes."""
     tail = [*target_argv(target), *args]
-    if world_size == 1:
+    if world_size == 1 or launcher == "direct":  # direct: each of the N ranks runs this (see direct_envs)
         return [python, *tail]
     if launcher == "torchrun":
         return [*_launcher("torchrun", python), "--nnodes", "1", "--nproc-per-node", str(world_size),
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", *tail]
     return [*_launcher("accelerate", python), "--multi_gpu", "--num_processes", str(world_size),
             "--num_machines", "1", "--main_process_port", str(port), *ACCELERATE_DEFAULTS, *tail]
+
+
+def direct_envs(base: dict[str, str], world_size: int, port: int) -> list[dict[str, str]]:
+    """The environment of each rank of a ``direct`` launch on this machine: ``base`` plus the ``env://``
+    rendezvous on 127.0.0.1:``port`` (rank k is local rank k of one node)."""
+    return [{**base, "RANK": str(k), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(k), "GROUP_RANK": "0",
+             "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            for k in range(world_size)]
 
 
 def check_gpu_world_sizes(world_sizes: list[int] | tuple[int, ...], gpus: list[str] | None = None) -> None:

@@ -42,6 +42,7 @@ from cnnscale.study.launcher import (
     Outcome,
     build_command,
     check_gpu_world_sizes,
+    direct_envs,
     free_port,
     point_env,
     port_in_use,
@@ -63,10 +64,14 @@ LAB_BENCH_TIMEOUT_S = 300.0
 def _launch(target: str, args: list[str], n: int, spec: StudySpec, log: Path, backend: Backend,
             lab: LabSession | None, network: str, timeout_s: float) -> Outcome:
     """One launch of ``target`` at world size ``n``: in the lab (one process per namespace, ``network`` shaped,
-    "" unshaped) when there is one and n > 1, else the backend's ordinary launch."""
+    "" unshaped) when there is one and n > 1; the ``direct`` launcher's n ranks on this machine (local backend);
+    else the backend's ordinary launch (one command: a launcher, or the target at n = 1)."""
     env = point_env(spec.threads_per_process)
     if lab is None or n == 1:
-        return backend.run(build_command(target, args, n, free_port(), spec.launcher), env, log, timeout_s)
+        cmd = build_command(target, args, n, free_port(), spec.launcher)
+        if spec.launcher == "direct" and n > 1 and backend.name == "local":
+            return run_group([cmd] * n, direct_envs(env, n, free_port()), log, timeout_s)
+        return backend.run(cmd, env, log, timeout_s)
     argv = [sys.executable, *target_argv(target), *args]
     # the rendezvous port is inside the lab's own namespaces; a fresh one per launch avoids the last one's TIME_WAIT
     envs = lab.envs(env, n, free_port(), network or UNSHAPED)
@@ -139,8 +144,7 @@ def _allreduce_bench(spec: StudySpec, out: Path, backend: Backend, say: Callable
     if not spec.allreduce_bench or path.is_file() or max(spec.world_sizes) < 2:
         return
     args = ["--out", str(path), "--max-mb", "32", "--repeats", "3"]
-    cmd = build_command(ALLREDUCE_MODULE, args, 2, free_port(), spec.launcher)
-    res = backend.run(cmd, point_env(spec.threads_per_process), out / "allreduce.log", 180)
+    res = _launch(ALLREDUCE_MODULE, args, 2, spec, out / "allreduce.log", backend, None, "", 180)
     say(f"all-reduce benchmark: {res.status} ({res.seconds:.0f} s){' ' + res.error if res.error else ''}")
 
 

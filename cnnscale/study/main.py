@@ -72,6 +72,8 @@ def dry_run(spec: StudySpec, out: Path) -> None:
             cmd = [f"{p.world_size} x ip netns exec <lab ns k> [{net}]", sys.executable, *target_argv(p.script), *args]
         else:
             cmd = build_command(p.script, args, p.world_size, 0, spec.launcher)
+            if spec.launcher == "direct" and p.world_size > 1:  # one process per rank, env:// on 127.0.0.1
+                cmd = [f"{p.world_size} x RANK=<k> WORLD_SIZE={p.world_size}", *cmd]
         print(f"{state}  {p.id}{rep}  global_batch={p.global_batch}\n      {' '.join(cmd)}")
 
 

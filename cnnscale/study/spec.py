@@ -88,7 +88,8 @@ class StudySpec:
     threads_per_process: int = setting(1, ge=0, cap=4096)
     """torch threads per process (0: leave as is)."""
     launcher: str = setting("accelerate", choices=LAUNCHERS)
-    """How the local backend starts the processes of a point (accelerate or torchrun)."""
+    """How the local backend starts the processes of a point: accelerate (launch), torchrun, or direct (the study
+    starts each rank itself with the env:// rendezvous, no agent process)."""
     overrides: tuple[tuple[str, Any], ...] = setting((), free="each value checked by the training run's config")
     """``section.field: value`` given to every point's training run."""
     settings: tuple[tuple[str, dict[str, Any]], ...] = setting((("default", {}),), free="names checked on load")
