@@ -38,8 +38,8 @@ def _parser() -> CommandParser:
                    "95%% interval's half-width is under 2%% of the ratio or --budget-s is spent")
     p.add_argument("--budget-s", type=float, gt=0, cap=86400, default=300.0,
                    help="time budget per ratio under --rounds auto")
-    p.add_argument("--remeasure-peak", action="store_true", help="measure the CPU matmul peak for MFU again and "
-                   "refresh this host's cached value (CNNSCALE_CACHE_DIR) before measuring")
+    p.add_argument("--remeasure-peak", action="store_true", help="measure the CPU peak (matmul and convolution) "
+                   "for MFU again and refresh this host's cached value (CNNSCALE_CACHE_DIR) before measuring")
     p.add_argument("--data-batches", type=int, default=100, help="batches per side per round, data-path ratio")
     p.add_argument("--e2e-steps", type=int, default=100, help="steps per side per round, end-to-end ratio")
     p.add_argument("--data-dir", default="", help="ImageFolder root with train/ and test/ (the real images)")

@@ -1,4 +1,5 @@
-"""The CPU's matmul peak for MFU, measured once per host and cached, so that MFU does not move with the load.
+"""The CPU peak for MFU (the faster of a matmul and a convolution), measured once per host and cached, so that MFU
+does not move with the load.
 
 Measured inside each rank at start-up, the peak read 0.10 TFLOP/s in one run and 0.20 in the next on the same
 machine (the other ranks were competing for the cores). So it is measured once, with the cores idle, and cached:

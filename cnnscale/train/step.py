@@ -72,7 +72,10 @@ def train_step(accelerator: Any, model: nn.Module, task: Task, optimizer: Any, i
     with the same effect: the optimiser steps and zeroes gradients only on a sync step, the loss is divided by
     ``grad_accum`` only when it is above 1."""
     plain = _plain_optimizer(accelerator, optimizer)
-    with accelerator.accumulate(model):
+    # Without accumulation, Accelerate's accumulate() (a generator context, an ExitStack and a step counter) only
+    # sets sync_gradients to the True it already is: skipped then, like the wrappers above.
+    skip = plain is not None and accelerator.gradient_accumulation_steps == 1 and accelerator.sync_gradients
+    with contextlib.nullcontext() if skip else accelerator.accumulate(model):
         with prof.phase("fwd_bwd"):
             with accelerator.autocast() if accelerator.native_amp else contextlib.nullcontext():
                 loss = task.loss(model, images, labels)
