@@ -46,4 +46,10 @@ if [ "$(id -u)" = 0 ] && [ -f slurm/local-cluster.sh ]; then
   bash slurm/local-cluster.sh start netns || { [ "${CNNSCALE_REQUIRE_SLURM:-0}" = 1 ] && exit 1; }
 fi
 .venv/bin/ruff check cnnscale tests launch
-exec .venv/bin/python -m pytest -q -ra --durations=15 "$@"
+# Two pytest workers, a whole test file to each (module fixtures stay one per file): much of the suite waits on
+# other processes (launches, SLURM, signals, timeouts) with a core idle; CNNSCALE_TEST_WORKERS=0 runs in one process.
+# Every distributed test has a port of its own, so two files may launch at once.
+workers="${CNNSCALE_TEST_WORKERS:-2}"
+par=()
+if [ "$workers" != 0 ]; then par=(-n "$workers" --dist loadfile); fi
+exec .venv/bin/python -m pytest -q -ra --durations=15 "${par[@]}" "$@"
