@@ -82,7 +82,7 @@ def _profiled(setup: BenchSetup, batches: Any, steps: int, images: int) -> Calla
     def ours() -> float:
         prof = setup.profiler()
         prof.start()
-        if getattr(prof, "warmup_steps", 0):
+        if prof.warmup_steps:
             setup.train(batches, prof.warmup_steps, prof)
         rate = timed(setup.acc.device, lambda: setup.train(batches, steps, prof), images)
         prof.stop()

@@ -24,7 +24,7 @@ from typing import Any
 
 from cnnscale.lab.netns import Topology
 
-__all__ = ["rank_commands", "rank_envs", "NETWORK_ENV"]
+__all__ = ["rank_commands", "rank_envs", "rendezvous_env", "NETWORK_ENV"]
 
 NETWORK_ENV = "CNNSCALE_NETWORK"
 
@@ -36,16 +36,21 @@ def rank_commands(topo: Topology, n: int, argv: list[str]) -> list[list[str]]:
     return [["ip", "netns", "exec", ns, *argv] for ns in topo.namespaces[:n]]
 
 
+def rendezvous_env(rank: int, world_size: int, local_rank: int, local_world_size: int, node: int, addr: str,
+                   port: int) -> dict[str, str]:
+    """torch.distributed's ``env://`` variables of one rank (what torchrun would set): ``node`` is its GROUP_RANK."""
+    return {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
+            "LOCAL_WORLD_SIZE": str(local_world_size), "GROUP_RANK": str(node), "MASTER_ADDR": addr,
+            "MASTER_PORT": str(port)}
+
+
 def rank_envs(base: dict[str, str], topo: Topology, n: int, port: int,
               network: dict[str, Any] | None = None) -> list[dict[str, str]]:
     """The environment of each of ``n`` ranks: ``base`` plus the env:// rendezvous, gloo's interface and the
     network record (JSON) when given."""
     envs = []
     for k in range(n):
-        env = dict(base)
-        env.update({"RANK": str(k), "WORLD_SIZE": str(n), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                    "GROUP_RANK": str(k), "MASTER_ADDR": topo.ips[0], "MASTER_PORT": str(port),
-                    "GLOO_SOCKET_IFNAME": topo.inner_if})
+        env = {**base, **rendezvous_env(k, n, 0, 1, k, topo.ips[0], port), "GLOO_SOCKET_IFNAME": topo.inner_if}
         if network is not None:
             env[NETWORK_ENV] = json.dumps(network, sort_keys=True)
         envs.append(env)

@@ -25,7 +25,6 @@ of a run, competing for the cores, do not each measure a different peak.
 
 from __future__ import annotations
 
-import functools
 import re
 import time
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import torch
 from cnnscale.profile.peakcache import cached_peak, peak_key
 
 __all__ = ["PEAK_TFLOPS", "HOST_SYNCS_PER_STEP", "host_syncs_per_step", "lookup_peak", "compute_dtype",
-           "measure_cpu_peak", "cpu_peak", "CPU_PEAK_SECONDS", "resolve_peak", "peak_info", "mfu", "MfuInputs",
+           "cpu_peak", "CPU_PEAK_SECONDS", "resolve_peak", "peak_info", "mfu", "MfuInputs",
            "mfu_setup"]
 
 CPU_PEAK_SECONDS = 2.0
@@ -125,17 +124,6 @@ def _conv_tflops(dtype: str, seconds: float, batch: int = 8, channels: int = 256
 def _cpu_peak_tflops(dtype: str, seconds: float) -> float:
     """The faster of the matmul and the convolution benchmarks, ``seconds`` split between them."""
     return max(_matmul_tflops(dtype, 512, seconds / 2), _conv_tflops(dtype, seconds / 2))
-
-
-@functools.lru_cache(maxsize=8)
-def _cpu_peak_memo(dtype: str, threads: int, seconds: float) -> float:
-    return _cpu_peak_tflops(dtype, seconds)
-
-
-def measure_cpu_peak(dtype: str = "fp32", seconds: float = 0.5) -> float:
-    """Best-case TFLOP/s of this process at its current thread count (matmul or convolution, whichever is faster;
-    memoised in the process; not the host cache, see :func:`cpu_peak`)."""
-    return _cpu_peak_memo(dtype if dtype in _CPU_DTYPES else "fp32", torch.get_num_threads(), seconds)
 
 
 def cpu_peak(dtype: str = "fp32", refresh: bool = False) -> tuple[float, str, float]:

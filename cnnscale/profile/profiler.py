@@ -59,6 +59,7 @@ class NullProfiler:
         self.t0: float | None = None
         self.t_end: float | None = None
         self.excluded_s = 0.0
+        self.warmup_steps = 0  # no counters to restart
 
     def env(self) -> dict[str, Any]:
         """Start-up facts for env.json."""

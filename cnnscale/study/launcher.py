@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cnnscale.errors import UserError
+from cnnscale.lab.launch import rendezvous_env
 from cnnscale.profile.gpus import visible_gpus
 from cnnscale.study.stop import die_with_parent
 
@@ -126,9 +127,7 @@ def build_command(target: str | Path, args: list[str], world_size: int, port: in
 def direct_envs(base: dict[str, str], world_size: int, port: int) -> list[dict[str, str]]:
     """The environment of each rank of a ``direct`` launch on this machine: ``base`` plus the ``env://``
     rendezvous on 127.0.0.1:``port`` (rank k is local rank k of one node)."""
-    return [{**base, "RANK": str(k), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(k), "GROUP_RANK": "0",
-             "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-            for k in range(world_size)]
+    return [{**base, **rendezvous_env(k, world_size, k, world_size, 0, "127.0.0.1", port)} for k in range(world_size)]
 
 
 def check_gpu_world_sizes(world_sizes: list[int] | tuple[int, ...], gpus: list[str] | None = None) -> None:
