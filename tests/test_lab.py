@@ -46,9 +46,11 @@ def test_profiles_parse_to_rates_and_bad_ones_name_the_valid_forms() -> None:
             parse_profile(bad)
 
 
-def test_the_bucket_holds_a_tick_of_traffic_and_a_gso_packet() -> None:
-    assert burst_bytes(10e9) >= 10e9 / 8 / 100  # rate / HZ: a 32 kbit bucket would throttle 10gbit far below it
-    assert burst_bytes(200e6) >= 200e6 / 8 / 100 and burst_bytes(8e3) == MIN_BURST >= 65536
+def test_the_bucket_is_small_beside_a_step_and_grows_with_the_rate() -> None:
+    # 0.5 ms of traffic: a 32 KiB bucket would throttle 2gbit to 0.6 of its rate, 10 ms let LeNet-5's 248 KB out free
+    assert burst_bytes(2e9) == int(2e9 / 8 * 0.5e-3) and burst_bytes(10e9) == int(10e9 / 8 * 0.5e-3)
+    assert burst_bytes(200e6) == MIN_BURST == 16384 and burst_bytes(8e3) == MIN_BURST
+    assert burst_bytes(200e6) <= 0.1 * 248e3 and burst_bytes(500e6) <= 0.15 * 248e3
     args = tbf_args(parse_profile("1gbit"))
     assert args[:3] == ["tbf", "rate", "1000000000bit"] and int(args[args.index("burst") + 1]) == burst_bytes(1e9)
 
@@ -185,6 +187,8 @@ def test_a_shaped_link_delivers_its_rate_and_nothing_is_left(lab_root) -> None:
                                text=True, timeout=30).stdout
         assert "tbf" in qdiscs and "rate 200Mbit" in qdiscs and "tbf" in inner  # both ends of the veth
         assert got["bytes"] >= MB16 and 0.8 <= got["bandwidth_Bps"] / 25e6 <= 1.05, got
+        # a rested link lets a step-sized message out at the rate, not at the veth's speed (no free bucket)
+        assert got["message_bytes"] == 256 * 1024 and got["message_s"] >= 0.8 * 256 * 1024 / 25e6, got
         assert 0 < got["rtt_s"] < 0.05
         rec = lab.record(RATE, 2)
         assert rec["profile"] == RATE and rec["rate_bps"] == 2e8 and rec["measured"] == got and rec["qdisc"] == "tbf"

@@ -1,11 +1,16 @@
-"""What a (shaped) link between two namespaces really delivers: a TCP bulk transfer and a small-message round trip,
-with stdlib sockets, between the processes ``serve`` (in one namespace) and ``client`` (in the other).
+"""What a (shaped) link between two namespaces really delivers: a TCP bulk transfer, a step-sized message after an
+idle gap, and a small-message round trip, with stdlib sockets, between the processes ``serve`` (in one namespace)
+and ``client`` (in the other).
 
-:func:`measure` runs both under ``ip netns exec`` and returns ``{"bandwidth_Bps", "rtt_s", "bytes", "seconds"}``:
-``rtt_s`` is the median of :data:`PINGS` round trips of a 64-byte message (no added delay exists here: netem is
-missing, so this is the stack's own latency, queueing included); ``bandwidth_Bps`` is the bytes of one bulk send
-(at least 16 MiB; more at high rates, so the bucket's first burst is a small share) over the time to the receiver's
-acknowledgement. Cost: about bytes / rate + 0.3 s of two Python processes.
+:func:`measure` runs both under ``ip netns exec`` and returns ``{"bandwidth_Bps", "rtt_s", "bytes", "seconds",
+"message_bytes", "message_s", "message_Bps"}``: ``rtt_s`` is the median of :data:`PINGS` round trips of a 64-byte
+message (no added delay exists here: netem is missing, so this is the stack's own latency, queueing included);
+``message_s`` is the median time of :data:`MESSAGES` sends of :data:`MESSAGE_BYTES` (256 KiB, about LeNet-5's
+gradient), each after :data:`GAP_S` idle and answered by one byte: what a small all-reduce meets once the link has
+rested for a compute phase, so a token bucket that lets such a message out at the veth's speed shows here and not in
+the bulk figure; ``bandwidth_Bps`` is the bytes of one bulk send (at least 16 MiB; more at high rates, so the
+bucket's first burst is a small share) over the time to the receiver's acknowledgement. Cost: about bytes / rate +
+0.5 s of two Python processes.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ import time
 
 from cnnscale.errors import UserError, run_cli
 
-__all__ = ["measure", "bulk_bytes", "serve", "client", "PINGS", "MIN_BULK"]
+__all__ = ["measure", "bulk_bytes", "serve", "client", "PINGS", "MIN_BULK", "MESSAGES", "MESSAGE_BYTES", "GAP_S"]
 
 PINGS = 50
+MESSAGES = 8
+MESSAGE_BYTES = 256 * 1024
+GAP_S = 0.02
 MIN_BULK = 16 * 2**20
 MAX_BULK = 256 * 2**20
 _CHUNK = 2**20
@@ -56,6 +64,9 @@ def serve(bind: str, port: int, nbytes: int, timeout_s: float = 60.0) -> None:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for _ in range(PINGS):
                 conn.sendall(_recv_exact(conn, _MSG))
+            for _ in range(MESSAGES):
+                _recv_exact(conn, MESSAGE_BYTES)
+                conn.sendall(b"k")
             left, view = nbytes, memoryview(bytearray(_CHUNK))
             while left:
                 got = conn.recv_into(view[:min(left, _CHUNK)])
@@ -84,6 +95,13 @@ def client(host: str, port: int, nbytes: int, timeout_s: float = 60.0) -> dict[s
             conn.sendall(msg)
             _recv_exact(conn, _MSG)
             rtts.append(time.perf_counter() - t)
+        sends, message = [], b"\0" * MESSAGE_BYTES
+        for _ in range(MESSAGES):
+            time.sleep(GAP_S)
+            t = time.perf_counter()
+            conn.sendall(message)
+            _recv_exact(conn, 1)
+            sends.append(time.perf_counter() - t)
         chunk, left = b"\0" * _CHUNK, nbytes
         t = time.perf_counter()
         while left:
@@ -91,8 +109,10 @@ def client(host: str, port: int, nbytes: int, timeout_s: float = 60.0) -> dict[s
             left -= min(left, _CHUNK)
         _recv_exact(conn, 1)
         seconds = time.perf_counter() - t
+    message_s = statistics.median(sends)
     return {"bandwidth_Bps": nbytes / seconds, "rtt_s": statistics.median(rtts), "bytes": nbytes,
-            "seconds": seconds}
+            "seconds": seconds, "message_bytes": MESSAGE_BYTES, "message_s": message_s,
+            "message_Bps": MESSAGE_BYTES / message_s}
 
 
 def measure(ns_a: str, ns_b: str, addr_b: str, rate_Bps: float | None, port: int = 5201,  # noqa: N803

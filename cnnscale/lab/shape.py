@@ -7,13 +7,18 @@ A profile is ``unshaped`` or a rate in tc's syntax, ``<number><kbit|mbit|gbit>``
 a port of a switch. ``netem`` is not available here, so no propagation delay is added: the profiles emulate bandwidth
 only, and :mod:`cnnscale.lab.link` measures what the shaped link really delivers (its round trip included).
 
-The bucket (``burst``) is sized from the rate: tbf refills it once per timer tick, so a bucket under rate/HZ bytes
-throttles the link far below its rate. Measured here with :mod:`cnnscale.lab.link`: a 32 kbit bucket gave 0.81
-Gbit/s at 1gbit and 1.14 Gbit/s at 5gbit; rate/100 gave 0.995 and 4.83. :func:`burst_bytes` takes rate/100 (HZ =
-100, the smallest tick in use; a larger HZ only makes the bucket more than enough), and at least 128 KiB, so that a
-64 KiB GSO packet of the veth always fits. The queue holds ``latency`` (25 ms) of traffic. What TCP then delivers
-is ~97% of the rate (the headers of 1500-byte frames); the unshaped veth gives ~4.8 Gbit/s to one Python stream on
-this 2-core machine, so profiles above a few gbit are not what limits a point here.
+The bucket (``burst``) is what the link lets out at the veth's own speed after it has rested, so it must be small
+beside the messages a step sends: a real link has none. :func:`burst_bytes` holds :data:`BURST_S` (0.5 ms) of
+traffic, at least :data:`MIN_BURST` (16 KiB; tbf cuts a larger GSO packet into segments that fit). Measured here
+with :mod:`cnnscale.lab.link` (a 248 KB message after 15 ms idle, median of 30; the bulk rate over 16 MiB+):
+the earlier bucket of rate/100 (10 ms of traffic, 250 KB at 200mbit) let LeNet-5's whole 248 KB gradient out in
+0.57 ms where 200mbit takes 9.9 ms, so the lab's LeNet-5 did not slow with the link; a 16 KiB bucket takes 10.0 ms
+and still sustains 0.96 of the rate. At 2gbit 125 KB (0.5 ms) gives 0.70 ms for the message (1.0 ms at the rate;
+the stack's own cost, 0.26 ms, included) and 0.94 of the rate in bulk; 32 KiB would cut the bulk rate to 0.61
+(tbf's per-packet timer work), which is why the bucket grows with the rate. The queue holds ``latency`` (25 ms) of
+traffic. The link's figures are measured at every lab, not assumed: TCP delivers ~95% of the rate in bulk (frame
+headers, the bucket's timer); the unshaped veth gives ~4.8 Gbit/s to one Python stream on this 2-core machine, so
+profiles above a few gbit are not what limits a point here.
 Pure stdlib; each shaping is 2N ``tc`` calls (a few ms each).
 """
 
@@ -26,14 +31,14 @@ from dataclasses import dataclass
 from cnnscale.errors import UserError
 
 __all__ = ["Profile", "parse_profile", "PROFILE_FORMS", "UNSHAPED", "burst_bytes", "tbf_args", "shape_dev",
-           "unshape_dev", "QDISC", "TICK_HZ"]
+           "unshape_dev", "QDISC", "BURST_S", "MIN_BURST"]
 
 UNSHAPED = "unshaped"
 QDISC = "tbf"
-TICK_HZ = 100
-"""Timer ticks per second assumed when sizing the bucket (the smallest HZ a kernel uses: a safe bucket)."""
+BURST_S = 0.5e-3
+"""Seconds of traffic the tbf bucket holds (see the module docstring)."""
 LATENCY_MS = 25
-MIN_BURST = 128 * 1024
+MIN_BURST = 16 * 1024
 PROFILE_FORMS = "unshaped, or a tc rate <number><kbit|mbit|gbit> such as 10gbit, 1gbit, 200mbit"
 _UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 _RATE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(kbit|mbit|gbit)$")
@@ -73,8 +78,8 @@ def parse_profile(text: object) -> Profile:
 
 
 def burst_bytes(rate_bps: float) -> int:
-    """The tbf bucket for ``rate_bps``: one timer tick of traffic (rate / HZ), at least :data:`MIN_BURST` bytes."""
-    return max(int(rate_bps / 8 / TICK_HZ), MIN_BURST)
+    """The tbf bucket for ``rate_bps``: :data:`BURST_S` of traffic, at least :data:`MIN_BURST` bytes."""
+    return max(int(rate_bps / 8 * BURST_S), MIN_BURST)
 
 
 def tbf_args(profile: Profile) -> list[str]:
