@@ -22,7 +22,7 @@ from cnnscale.errors import UserError
 from cnnscale.lab import netns
 from cnnscale.lab.launch import NETWORK_ENV, rank_commands, rank_envs
 from cnnscale.lab.session import LabSession
-from cnnscale.lab.shape import MIN_BURST, burst_bytes, parse_profile, tbf_args
+from cnnscale.lab.shape import MIN_BURST, burst_bytes, gso_bytes, parse_profile, tbf_args
 from cnnscale.records.env import network_from_env
 from cnnscale.resources import find_builtin
 from cnnscale.study.launcher import run_group
@@ -51,6 +51,8 @@ def test_the_bucket_is_small_beside_a_step_and_grows_with_the_rate() -> None:
     assert burst_bytes(2e9) == int(2e9 / 8 * 0.5e-3) and burst_bytes(10e9) == int(10e9 / 8 * 0.5e-3)
     assert burst_bytes(200e6) == MIN_BURST == 16384 and burst_bytes(8e3) == MIN_BURST
     assert burst_bytes(200e6) <= 0.1 * 248e3 and burst_bytes(500e6) <= 0.15 * 248e3
+    # tbf cuts a packet larger than its bucket into segments (4 streams at 500mbit fell to half the rate)
+    assert gso_bytes(200e6) == 10922 and gso_bytes(500e6) == 20833 and gso_bytes(2e9) == 65536
     args = tbf_args(parse_profile("1gbit"))
     assert args[:3] == ["tbf", "rate", "1000000000bit"] and int(args[args.index("burst") + 1]) == burst_bytes(1e9)
 
@@ -186,6 +188,10 @@ def test_a_shaped_link_delivers_its_rate_and_nothing_is_left(lab_root) -> None:
         inner = subprocess.run(["tc", "-n", topo.namespaces[0], "qdisc", "show", "dev", "eth0"], capture_output=True,
                                text=True, timeout=30).stdout
         assert "tbf" in qdiscs and "rate 200Mbit" in qdiscs and "tbf" in inner  # both ends of the veth
+        for cmd in (["ip", "-d", "link", "show", "dev", topo.host_ifs[1]],
+                    ["ip", "-n", topo.namespaces[0], "-d", "link", "show", "dev", "eth0"]):
+            shown = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+            assert "gso_max_size 10922 " in shown, shown  # the packets fit the 16 KiB bucket
         assert got["bytes"] >= MB16 and 0.8 <= got["bandwidth_Bps"] / 25e6 <= 1.05, got
         # a rested link lets a step-sized message out at the rate, not at the veth's speed (no free bucket)
         assert got["message_bytes"] == 256 * 1024 and got["message_s"] >= 0.8 * 256 * 1024 / 25e6, got

@@ -20,7 +20,7 @@ from typing import Any
 from cnnscale.errors import UserError
 from cnnscale.lab import link, netns
 from cnnscale.lab.launch import rank_commands, rank_envs
-from cnnscale.lab.shape import QDISC, Profile, burst_bytes, parse_profile, shape_dev
+from cnnscale.lab.shape import QDISC, Profile, burst_bytes, gso_bytes, parse_profile, shape_dev
 
 __all__ = ["LabSession", "check_available", "network_record"]
 
@@ -40,6 +40,7 @@ def network_record(profile: Profile, n: int, measured: dict[str, Any] | None, in
     return {"profile": profile.name, "rate_bps": profile.rate_bps, "interface": interface,
             "qdisc": QDISC if profile.shaped else None,
             "burst_bytes": burst_bytes(profile.rate_bps) if profile.rate_bps else None,
+            "gso_max_bytes": gso_bytes(profile.rate_bps) if profile.rate_bps else None,
             "measured": measured, "namespaces": n}
 
 

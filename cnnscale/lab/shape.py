@@ -15,11 +15,16 @@ the earlier bucket of rate/100 (10 ms of traffic, 250 KB at 200mbit) let LeNet-5
 0.57 ms where 200mbit takes 9.9 ms, so the lab's LeNet-5 did not slow with the link; a 16 KiB bucket takes 10.0 ms
 and still sustains 0.96 of the rate. At 2gbit 125 KB (0.5 ms) gives 0.70 ms for the message (1.0 ms at the rate;
 the stack's own cost, 0.26 ms, included) and 0.94 of the rate in bulk; 32 KiB would cut the bulk rate to 0.61
-(tbf's per-packet timer work), which is why the bucket grows with the rate. The queue holds ``latency`` (25 ms) of
+(tbf's per-packet timer work), which is why the bucket grows with the rate. A packet larger than the bucket is cut
+by tbf into segments, which on this 2-core box collapsed 4 concurrent streams at 500mbit (a 31 KB bucket, 64 KiB
+GSO packets) to 0.44-0.63 of the rate, and packets as large as the bucket did no better (0.45-0.62); so shaping
+also caps the device's GSO packets at two thirds of the bucket (:func:`gso_bytes`, ``ip link set ...
+gso_max_size``; 64 KiB, the default, from 1gbit up): 20 KB packets gave that ring 0.92-0.94 of the rate, 8 KiB at
+200mbit 0.94-0.95, 64 KiB at 2gbit 0.89-0.92 (16 KiB there would cost 0.66-0.86: the cap is only as low as needed). The queue holds ``latency`` (25 ms) of
 traffic. The link's figures are measured at every lab, not assumed: TCP delivers ~95% of the rate in bulk (frame
 headers, the bucket's timer); the unshaped veth gives ~4.8 Gbit/s to one Python stream on this 2-core machine, so
 profiles above a few gbit are not what limits a point here.
-Pure stdlib; each shaping is 2N ``tc`` calls (a few ms each).
+Pure stdlib; each shaping is 2N ``tc`` and 2N ``ip`` calls (a few ms each).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from dataclasses import dataclass
 from cnnscale.errors import UserError
 
 __all__ = ["Profile", "parse_profile", "PROFILE_FORMS", "UNSHAPED", "burst_bytes", "tbf_args", "shape_dev",
-           "unshape_dev", "QDISC", "BURST_S", "MIN_BURST"]
+           "unshape_dev", "QDISC", "BURST_S", "MIN_BURST", "gso_bytes", "GSO_DEFAULT"]
 
 UNSHAPED = "unshaped"
 QDISC = "tbf"
@@ -39,6 +44,8 @@ BURST_S = 0.5e-3
 """Seconds of traffic the tbf bucket holds (see the module docstring)."""
 LATENCY_MS = 25
 MIN_BURST = 16 * 1024
+GSO_DEFAULT = 65536
+"""A device's default ``gso_max_size``, restored when a profile is taken off."""
 PROFILE_FORMS = "unshaped, or a tc rate <number><kbit|mbit|gbit> such as 10gbit, 1gbit, 200mbit"
 _UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 _RATE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(kbit|mbit|gbit)$")
@@ -82,6 +89,11 @@ def burst_bytes(rate_bps: float) -> int:
     return max(int(rate_bps / 8 * BURST_S), MIN_BURST)
 
 
+def gso_bytes(rate_bps: float) -> int:
+    """The ``gso_max_size`` a shaped device gets: two thirds of the bucket, at most the default."""
+    return min(GSO_DEFAULT, burst_bytes(rate_bps) * 2 // 3)
+
+
 def tbf_args(profile: Profile) -> list[str]:
     """``tc qdisc replace dev X root`` + these: the tbf of a shaped profile (rate in bit/s, burst in bytes)."""
     if profile.rate_bps is None:
@@ -102,11 +114,20 @@ def shape_dev(dev: str, profile: Profile, netns: str | None = None) -> None:
     """Put ``profile`` on the egress of ``dev`` (in ``netns``, or the host's): tbf for a shaped profile, the
     device's default qdisc for ``unshaped``. Raises UserError when tc refuses."""
     if profile.shaped:
+        _set_gso(dev, gso_bytes(profile.rate_bps), netns)
         _tc(netns, "qdisc", "replace", "dev", dev, "root", *tbf_args(profile))
     else:
         unshape_dev(dev, netns)
 
 
 def unshape_dev(dev: str, netns: str | None = None) -> None:
-    """Remove any root qdisc of ``dev`` (none there is fine)."""
+    """Remove any root qdisc of ``dev`` (none there is fine) and give it back the default GSO packet size."""
     _tc(netns, "qdisc", "del", "dev", dev, "root", check=False)
+    _set_gso(dev, GSO_DEFAULT, netns, check=False)
+
+
+def _set_gso(dev: str, nbytes: int, netns: str | None, check: bool = True) -> None:
+    cmd = ["ip", *(["-n", netns] if netns else []), "link", "set", "dev", dev, "gso_max_size", str(nbytes)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    if check and res.returncode:
+        raise UserError(f"{' '.join(cmd)} failed: {res.stderr.strip() or res.returncode}")

@@ -102,8 +102,8 @@ class Env(Record):
     host_syncs_per_step: int | None = None    # CPU-GPU syncs per optimiser step the precision adds (fp16: 1)
     data_wait_clock: str | None = None        # "cuda events" (GPU idle + loader kernels) or "host" (CPU)
     # the emulated interconnect (cnnscale.lab), from CNNSCALE_NETWORK: {profile, rate_bps, interface, qdisc,
-    # burst_bytes, measured: {bandwidth_Bps, rtt_s, bytes, seconds, message_bytes, message_s, message_Bps},
-    # namespaces}; None: not run in the lab
+    # burst_bytes, gso_max_bytes, measured: {bandwidth_Bps, rtt_s, bytes, seconds, message_bytes, message_s,
+    # message_Bps}, namespaces}; None: not run in the lab
     network: dict | None = None
     # schema 0 only (read, never written): the name train_flops_per_img had
     flops_per_img: float | None = None
