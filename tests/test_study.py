@@ -118,7 +118,12 @@ def test_failure_classification():
     log = "Traceback\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\nChildFailedError: x"
     assert launcher.classify_failure(1, log) == ("oom", "torch.OutOfMemoryError: CUDA out of memory. Tried to "
                                                         "allocate 2.00 GiB")
-    assert launcher.classify_failure(-9, "")[0] == "oom"
+    assert launcher.classify_failure(-9, "")[0] == "oom"  # the kernel keeps no count: the likeliest reading
+    assert launcher.classify_failure(-9, "", oom_killed=1)[0] == "oom"
+    st, err = launcher.classify_failure(-9, "", oom_killed=0)  # SIGKILL by hand, the OOM killer idle
+    assert (st, err) == ("failed", "killed by SIGKILL, not by the OOM killer (/proc/vmstat oom_kill unchanged): "
+                                   "killed by hand?")
+    assert isinstance(launcher.oom_kills(), int)  # Linux 4.13+: /proc/vmstat counts them
     st, err = launcher.classify_failure(1, "ValueError: bad shape\ntorch.distributed.elastic...ChildFailedError: ")
     assert st == "failed" and err == "exit 1: ValueError: bad shape"
     assert launcher.classify_failure(0, "fine") == ("ok", "")

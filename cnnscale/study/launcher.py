@@ -50,8 +50,8 @@ from cnnscale.profile.gpus import visible_gpus
 from cnnscale.study.stop import die_with_parent
 
 __all__ = ["ACCELERATE_DEFAULTS", "check_gpu_world_sizes", "Outcome", "Backend", "LocalBackend", "BACKENDS",
-           "build_command", "classify_failure", "free_port", "LAUNCHERS", "TRAIN_MODULE", "is_script", "target_argv",
-           "point_env", "port_in_use", "run_group", "direct_envs"]
+           "build_command", "classify_failure", "oom_kills", "free_port", "LAUNCHERS", "TRAIN_MODULE", "is_script",
+           "target_argv", "point_env", "port_in_use", "run_group", "direct_envs"]
 
 TRAIN_MODULE = "cnnscale.train"
 # accelerate launch flags a user's Accelerate config would otherwise fill: one machine, no launcher-side precision,
@@ -164,15 +164,37 @@ def _error_line(text: str) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
-def classify_failure(returncode: int | None, log_text: str, timed_out: bool = False) -> tuple[str, str]:
-    """(status, one-line error) of a launch: timeout, oom (CUDA/CPU allocator, SIGKILL), failed, or ok."""
+def oom_kills() -> int | None:
+    """The kernel's count of OOM-killer kills since boot (``oom_kill`` in /proc/vmstat, Linux 4.13+); None where
+    there is none to read."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def classify_failure(returncode: int | None, log_text: str, timed_out: bool = False,
+                     oom_killed: int | None = None) -> tuple[str, str]:
+    """(status, one-line error) of a launch: timeout, oom (CUDA/CPU allocator, the OOM killer), failed, or ok.
+
+    ``oom_killed``: how many OOM-killer kills the kernel counted during the launch (:func:`oom_kills` after minus
+    before), None where unknown. A SIGKILLed rank is "oom" when the kernel's OOM killer struck during the launch
+    (or, unknown, as the likeliest reading), and "failed" when it did not (a ``kill -9``, a cluster's reaper)."""
     if timed_out:
         return "timeout", "point exceeded its timeout; the process group was killed"
     if any(s in log_text for s in _OOM):
         line = next((ln.strip() for ln in log_text.splitlines() if any(s in ln for s in _OOM)), "out of memory")
         return "oom", line[:300]
     if returncode in (-9, 137) or "exitcode  : -9" in log_text or "Signals.SIGKILL" in log_text:
-        return "oom", "killed by SIGKILL (out of host memory?)"
+        if oom_killed is None:
+            return "oom", "killed by SIGKILL (out of host memory? this kernel does not count OOM kills)"
+        if oom_killed > 0:
+            return "oom", f"killed by SIGKILL: the kernel's OOM killer struck {oom_killed}x during the launch"
+        return "failed", "killed by SIGKILL, not by the OOM killer (/proc/vmstat oom_kill unchanged): killed by hand?"
     if returncode:
         return "failed", f"exit {returncode}: {_error_line(log_text)}"
     return "ok", ""
@@ -220,7 +242,7 @@ def run_group(cmds: list[list[str]], envs: list[dict[str, str]], log_path: Path,
     do not follow within ``grace_s``, Ctrl-C or :class:`~cnnscale.study.stop.StudyStopped`, every group is ended
     (SIGTERM, then SIGKILL). The return code is the first failing rank's, else 0."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    t0, procs = time.monotonic(), []
+    t0, procs, kills = time.monotonic(), [], oom_kills()
     with open(log_path, "w") as log:
         for cmd in cmds:
             log.write("$ " + " ".join(cmd) + "\n")
@@ -238,7 +260,8 @@ def run_group(cmds: list[list[str]], envs: list[dict[str, str]], log_path: Path,
             raise
     text = log_path.read_text(errors="replace")
     code = procs[first].returncode if first is not None else next((p.returncode for p in procs if p.returncode), 0)
-    status, error = classify_failure(code, text, timed_out)
+    after = oom_kills()
+    status, error = classify_failure(code, text, timed_out, None if kills is None or after is None else after - kills)
     return Outcome(status, error, code, time.monotonic() - t0)
 
 
