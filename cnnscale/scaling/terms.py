@@ -33,7 +33,9 @@ A step on N workers takes ``compute(N) + exposed(N)``; the efficiency against on
   communication hook measured it on this machine: over loopback (the quickstart, N=2), where the CPU is the limit,
   2.8x (vgg16) to 4.2x (mobilenet_v2) the benchmark's time, overlap 0.7 (resnet18, vgg16); over a 200mbit shaped
   link, where the link is, 1.1x (vgg16) to 1.2x (mobilenet_v2) at N=2 and 2.5x for lenet5's 0.25 MB at N=4,
-  overlap 0 (lenet5, one bucket) to 0.8 (resnet18). Fitted.
+  overlap 0 (lenet5, one bucket) to 0.8 (resnet18); those shaped-link figures are from the lab's earlier tbf
+  bucket (rate/100), which let a small gradient out at the veth's speed; on the 0.5 ms bucket the full lab fits
+  contention 1.0x. Fitted.
 
 Pure arithmetic, no torch. Cost: microseconds per prediction.
 """
