@@ -9,7 +9,7 @@ only, and :mod:`cnnscale.lab.link` measures what the shaped link really delivers
 
 The bucket (``burst``) is what the link lets out at the veth's own speed after it has rested, so it must be small
 beside the messages a step sends: a real link has none. :func:`burst_bytes` holds :data:`BURST_S` (0.5 ms) of
-traffic, at least :data:`MIN_BURST` (16 KiB; tbf cuts a larger GSO packet into segments that fit). Measured here
+traffic, at least :data:`MIN_BURST` (16 KiB, for the packets capped below). Measured here
 with :mod:`cnnscale.lab.link` (a 248 KB message after 15 ms idle, median of 30; the bulk rate over 16 MiB+):
 the earlier bucket of rate/100 (10 ms of traffic, 250 KB at 200mbit) let LeNet-5's whole 248 KB gradient out in
 0.57 ms where 200mbit takes 9.9 ms, so the lab's LeNet-5 did not slow with the link; a 16 KiB bucket takes 10.0 ms
@@ -20,8 +20,8 @@ by tbf into segments, which on this 2-core box collapsed 4 concurrent streams at
 GSO packets) to 0.44-0.63 of the rate, and packets as large as the bucket did no better (0.45-0.62); so shaping
 also caps the device's GSO packets at two thirds of the bucket (:func:`gso_bytes`, ``ip link set ...
 gso_max_size``; 64 KiB, the default, from 1gbit up): 20 KB packets gave that ring 0.92-0.94 of the rate, 8 KiB at
-200mbit 0.94-0.95, 64 KiB at 2gbit 0.89-0.92 (16 KiB there would cost 0.66-0.86: the cap is only as low as needed). The queue holds ``latency`` (25 ms) of
-traffic. The link's figures are measured at every lab, not assumed: TCP delivers ~95% of the rate in bulk (frame
+200mbit 0.94-0.95, 64 KiB at 2gbit 0.89-0.92 (16 KiB there would cost 0.66-0.86: the cap is only as low as
+needed). The queue holds ``latency`` (25 ms) of traffic. The link's figures are measured at every lab, not assumed: TCP delivers ~95% of the rate in bulk (frame
 headers, the bucket's timer); the unshaped veth gives ~4.8 Gbit/s to one Python stream on this 2-core machine, so
 profiles above a few gbit are not what limits a point here.
 Pure stdlib; each shaping is 2N ``tc`` and 2N ``ip`` calls (a few ms each).
