@@ -21,9 +21,9 @@ GSO packets) to 0.44-0.63 of the rate, and packets as large as the bucket did no
 also caps the device's GSO packets at two thirds of the bucket (:func:`gso_bytes`, ``ip link set ...
 gso_max_size``; 64 KiB, the default, from 1gbit up): 20 KB packets gave that ring 0.92-0.94 of the rate, 8 KiB at
 200mbit 0.94-0.95, 64 KiB at 2gbit 0.89-0.92 (16 KiB there would cost 0.66-0.86: the cap is only as low as
-needed). The queue holds ``latency`` (25 ms) of traffic. The link's figures are measured at every lab, not assumed: TCP delivers ~95% of the rate in bulk (frame
-headers, the bucket's timer); the unshaped veth gives ~4.8 Gbit/s to one Python stream on this 2-core machine, so
-profiles above a few gbit are not what limits a point here.
+needed). The queue holds ``latency`` (25 ms) of traffic. The link's figures are measured at every lab, not
+assumed: TCP delivers ~95% of the rate in bulk (frame headers, the bucket's timer); the unshaped veth gives ~4.8
+Gbit/s to one Python stream on this 2-core machine, so profiles above a few gbit are not what limits a point here.
 Pure stdlib; each shaping is 2N ``tc`` and 2N ``ip`` calls (a few ms each).
 """
 
