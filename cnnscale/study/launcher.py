@@ -21,8 +21,8 @@ Launch forms (see ../shared/STACK-FACTS.md for the forms that silently run world
   form the network lab uses in its namespaces (:mod:`cnnscale.lab.launch`). No agent process: on a small CPU box
   the launcher's own start-up (it imports torch, ~3.6 s) and its rendezvous are a large part of a short point.
   Without an agent there is no restart on failure; a rank that fails ends its peers after a grace period
-  (:func:`run_group`), and a rank whose study dies exits (parent-death signal and
-  :func:`cnnscale.train.preempt.watch_parent`).
+  (:func:`run_group`), and a rank whose study dies stops at the next step with a checkpoint (parent-death signal
+  and :func:`cnnscale.train.preempt.watch_parent`).
 
 The launcher's own defaults are passed explicitly (:data:`ACCELERATE_DEFAULTS`): ``accelerate launch`` fills every
 flag left out from the user's ``default_config.yaml``, so a ``dynamo_backend: inductor`` there would compile every

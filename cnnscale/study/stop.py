@@ -7,7 +7,7 @@
   (``prctl(PR_SET_PDEATHSIG, SIGTERM)``, :func:`die_with_parent`): when the study dies, the launcher (torchrun,
   accelerate launch, or the 1-process trainer itself) gets SIGTERM, forwards it to its workers, and they stop at the
   next step with a checkpoint (status preempted), which a rerun of the study resumes. A worker whose launcher dies
-  too exits by itself (:func:`cnnscale.train.preempt.watch_parent`).
+  too stops the same way by itself (:func:`cnnscale.train.preempt.watch_parent`).
 
 Nothing here imports torch. ``prctl`` exists on Linux only; elsewhere :func:`die_with_parent` is None and a killed
 study leaves its point to its timeout.

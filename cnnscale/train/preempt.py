@@ -142,23 +142,29 @@ def exit_code(summary: dict[str, Any]) -> int:
     return 1
 
 
-def watch_parent(interval_s: float = 1.0) -> threading.Thread | None:
-    """Under a launcher (torchrun, accelerate launch), end this worker if the launcher dies.
+def watch_parent(interval_s: float = 1.0, grace_s: float = 10.0) -> threading.Thread | None:
+    """Under a launcher (torchrun, accelerate launch, a study's direct launch), stop this worker if the launcher dies.
 
     The launchers start each worker in its own session, so a SIGKILLed launcher would otherwise leave its workers
     training on their own. A daemon thread polls ``getppid()``; when the parent changes (re-parented to init or a
-    subreaper) the worker exits at once with status 1. Returns the thread, or None outside a launcher.
+    subreaper) the worker sends itself SIGTERM, so it stops at the next step boundary with a checkpoint like any
+    preempted run (its peers, which see the same death, agree on the step: :class:`SignalGuard`), and exits with
+    status 1 if it is still alive ``grace_s`` later (a rank blocked on a peer that is gone). Exiting at once instead
+    raced the direct launcher's own death signal (``PR_SET_PDEATHSIG``: SIGTERM) and could cut a checkpoint short.
+    Returns the thread, or None outside a launcher.
     """
     if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
         return None
     parent = os.getppid()
 
     def loop() -> None:
-        while True:
+        while os.getppid() == parent:
             time.sleep(interval_s)
-            if os.getppid() != parent:
-                os.write(2, f"cnnscale: launcher (pid {parent}) is gone; rank exiting\n".encode())
-                os._exit(1)
+        os.write(2, f"cnnscale: launcher (pid {parent}) is gone; stopping at the next step\n".encode())
+        os.kill(os.getpid(), signal.SIGTERM)  # a repeat of the death signal is ignored (SignalGuard)
+        time.sleep(grace_s)
+        os.write(2, f"cnnscale: not stopped {grace_s:.0f} s after the launcher died; rank exiting\n".encode())
+        os._exit(1)
 
     t = threading.Thread(target=loop, name="cnnscale-parent-watch", daemon=True)
     t.start()
