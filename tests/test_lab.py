@@ -47,7 +47,7 @@ def test_profiles_parse_to_rates_and_bad_ones_name_the_valid_forms() -> None:
 
 
 def test_the_bucket_is_small_beside_a_step_and_grows_with_the_rate() -> None:
-    # 0.5 ms of traffic: a 32 KiB bucket would throttle 2gbit to 0.6 of its rate, 10 ms let LeNet-5's 248 KB out free
+    # 0.5 ms of traffic, growing with the rate; 10 ms (rate/100) let LeNet-5's 248 KB out unshaped
     assert burst_bytes(2e9) == int(2e9 / 8 * 0.5e-3) and burst_bytes(10e9) == int(10e9 / 8 * 0.5e-3)
     assert burst_bytes(200e6) == MIN_BURST == 16384 and burst_bytes(8e3) == MIN_BURST
     assert burst_bytes(200e6) <= 0.1 * 248e3 and burst_bytes(500e6) <= 0.15 * 248e3
@@ -55,6 +55,7 @@ def test_the_bucket_is_small_beside_a_step_and_grows_with_the_rate() -> None:
     assert gso_bytes(200e6) == 10922 and gso_bytes(500e6) == 20833 and gso_bytes(2e9) == 65536
     args = tbf_args(parse_profile("1gbit"))
     assert args[:3] == ["tbf", "rate", "1000000000bit"] and int(args[args.index("burst") + 1]) == burst_bytes(1e9)
+    assert tbf_args(parse_profile("1gbit"), 4096)[4] == "4096"  # launch/lab_bucket.py's override
 
 
 def test_lab_names_fit_linux_and_never_meet_slurm_or_another_lab() -> None:
@@ -324,3 +325,15 @@ def test_refused_without_root_in_one_line_before_any_run_directory(lab_root) -> 
         line = _refused(_study(Path(tmp), CI_SPEC, user=["setpriv", "--reuid=65534", "--regid=65534",
                                                          "--clear-groups", "--"]), Path(tmp) / "out")
     assert "needs root" in line and "network lab" in line
+
+
+@pytest.mark.netns
+def test_the_bucket_benchmark_shows_the_old_bucket_unshaped_and_the_new_one_shaped(lab_root) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "lab_bucket.py"), "--profiles", "200mbit",
+                           "--rounds", "1"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {ln.split()[1]: ln.split() for ln in proc.stdout.splitlines()[1:]}
+    assert set(rows) == {"old", "bkt", "new"} and rows["new"][2:4] == ["16384", "10922"], proc.stdout
+    msg = {k: float(v[4]) for k, v in rows.items()}
+    assert msg["old"] < 0.5 and msg["new"] >= 0.8, proc.stdout  # a rested 256 KiB message: free, then shaped
+    assert 0.8 <= float(rows["new"][5]) <= 1.05 and float(rows["new"][6].split("..")[0]) >= 0.8, proc.stdout

@@ -25,7 +25,8 @@ import time
 
 from cnnscale.errors import UserError, run_cli
 
-__all__ = ["measure", "bulk_bytes", "serve", "client", "PINGS", "MIN_BULK", "MESSAGES", "MESSAGE_BYTES", "GAP_S"]
+__all__ = ["measure", "bulk_bytes", "serve", "client", "PINGS", "MIN_BULK", "MESSAGES", "MESSAGE_BYTES", "GAP_S",
+           "FIELDS"]
 
 PINGS = 50
 MESSAGES = 8
@@ -34,6 +35,8 @@ GAP_S = 0.02
 MIN_BULK = 16 * 2**20
 MAX_BULK = 256 * 2**20
 _CHUNK = 2**20
+FIELDS = ("bandwidth_Bps", "rtt_s", "bytes", "seconds", "message_bytes", "message_s", "message_Bps")
+"""What :func:`measure` returns (and env.json's ``network.measured`` holds)."""
 _MSG = 64
 
 

@@ -98,8 +98,7 @@ class LabSession:
             if len(self.topo.namespaces) < 2:
                 raise UserError("a link needs two namespaces")
             got = link.measure(self.topo.namespaces[0], self.topo.namespaces[1], self.topo.ips[1], prof.rate_Bps)
-            self.measured[prof.name] = {k: got[k] for k in ("bandwidth_Bps", "rtt_s", "bytes", "seconds",
-                                                             "message_bytes", "message_s", "message_Bps")}
+            self.measured[prof.name] = {k: got[k] for k in link.FIELDS}
         return self.measured[prof.name]
 
     def record(self, profile: Profile | str, n: int) -> dict[str, Any]:

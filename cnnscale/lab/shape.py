@@ -9,19 +9,15 @@ only, and :mod:`cnnscale.lab.link` measures what the shaped link really delivers
 
 The bucket (``burst``) is what the link lets out at the veth's own speed after it has rested, so it must be small
 beside the messages a step sends: a real link has none. :func:`burst_bytes` holds :data:`BURST_S` (0.5 ms) of
-traffic, at least :data:`MIN_BURST` (16 KiB, for the packets capped below). Measured here
-with :mod:`cnnscale.lab.link` (a 248 KB message after 15 ms idle, median of 30; the bulk rate over 16 MiB+):
-the earlier bucket of rate/100 (10 ms of traffic, 250 KB at 200mbit) let LeNet-5's whole 248 KB gradient out in
-0.57 ms where 200mbit takes 9.9 ms, so the lab's LeNet-5 did not slow with the link; a 16 KiB bucket takes 10.0 ms
-and still sustains 0.96 of the rate. At 2gbit 125 KB (0.5 ms) gives 0.70 ms for the message (1.0 ms at the rate;
-the stack's own cost, 0.26 ms, included) and 0.94 of the rate in bulk; 32 KiB would cut the bulk rate to 0.61
-(tbf's per-packet timer work), which is why the bucket grows with the rate. A packet larger than the bucket is cut
-by tbf into segments, which on this 2-core box collapsed 4 concurrent streams at 500mbit (a 31 KB bucket, 64 KiB
-GSO packets) to 0.44-0.63 of the rate, and packets as large as the bucket did no better (0.45-0.62); so shaping
-also caps the device's GSO packets at two thirds of the bucket (:func:`gso_bytes`, ``ip link set ...
-gso_max_size``; 64 KiB, the default, from 1gbit up): 20 KB packets gave that ring 0.92-0.94 of the rate, 8 KiB at
-200mbit 0.94-0.95, 64 KiB at 2gbit 0.89-0.92 (16 KiB there would cost 0.66-0.86: the cap is only as low as
-needed). The queue holds ``latency`` (25 ms) of traffic. The link's figures are measured at every lab, not
+traffic, at least :data:`MIN_BURST` (16 KiB), and :func:`gso_bytes` caps the device's GSO packets at two thirds of
+the bucket (``ip link set ... gso_max_size``; 64 KiB, the default, from 1gbit up): tbf cuts a packet larger than
+its bucket into segments, and on this 2-core box that work collapses concurrent streams. ``launch/lab_bucket.py``
+measures the settings side by side (a 256 KiB message after 20 ms idle against the time the rate implies; bulk and
+4-stream ring rates); on the idle box, 2 rounds: the earlier bucket (rate/100, at least 128 KiB) let that message
+out in 0.14-0.24 of its time at 200mbit and 500mbit, so the lab's LeNet-5 (a 248 KB gradient) did not slow with the
+link; the 0.5 ms bucket takes 1.02-1.11 of it; with 64 KiB packets a 4-stream ring at 500mbit then fell to
+0.41-0.62 of the rate, and the GSO cap gives 0.91-0.95 (200mbit 0.94-0.95, 2gbit 0.89-0.95).
+The queue holds ``latency`` (25 ms) of traffic. The link's figures are measured at every lab, not
 assumed: TCP delivers ~95% of the rate in bulk (frame headers, the bucket's timer); the unshaped veth gives ~4.8
 Gbit/s to one Python stream on this 2-core machine, so profiles above a few gbit are not what limits a point here.
 Pure stdlib; each shaping is 2N ``tc`` and 2N ``ip`` calls (a few ms each).
@@ -94,40 +90,38 @@ def gso_bytes(rate_bps: float) -> int:
     return min(GSO_DEFAULT, burst_bytes(rate_bps) * 2 // 3)
 
 
-def tbf_args(profile: Profile) -> list[str]:
-    """``tc qdisc replace dev X root`` + these: the tbf of a shaped profile (rate in bit/s, burst in bytes)."""
+def tbf_args(profile: Profile, burst: int | None = None) -> list[str]:
+    """``tc qdisc replace dev X root`` + these: the tbf of a shaped profile (rate in bit/s, burst in bytes:
+    :func:`burst_bytes` unless ``burst`` is given)."""
     if profile.rate_bps is None:
         raise ValueError("an unshaped profile has no tbf")
-    return [QDISC, "rate", f"{int(profile.rate_bps)}bit", "burst", str(burst_bytes(profile.rate_bps)),
-            "latency", f"{LATENCY_MS}ms"]
+    burst = burst_bytes(profile.rate_bps) if burst is None else burst
+    return [QDISC, "rate", f"{int(profile.rate_bps)}bit", "burst", str(burst), "latency", f"{LATENCY_MS}ms"]
 
 
-def _tc(netns: str | None, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = ["tc", *(["-n", netns] if netns else []), *args]
+def _run(tool: str, netns: str | None, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``tc`` or ``ip`` (in ``netns`` with ``-n``); a failure is a UserError naming the command when ``check``."""
+    cmd = [tool, *(["-n", netns] if netns else []), *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
     if check and res.returncode:
         raise UserError(f"{' '.join(cmd)} failed: {res.stderr.strip() or res.returncode}")
     return res
 
 
-def shape_dev(dev: str, profile: Profile, netns: str | None = None) -> None:
-    """Put ``profile`` on the egress of ``dev`` (in ``netns``, or the host's): tbf for a shaped profile, the
-    device's default qdisc for ``unshaped``. Raises UserError when tc refuses."""
+def shape_dev(dev: str, profile: Profile, netns: str | None = None, burst: int | None = None,
+              gso: int | None = None) -> None:
+    """Put ``profile`` on the egress of ``dev`` (in ``netns``, or the host's): tbf for a shaped profile, with GSO
+    packets capped (:func:`gso_bytes`), the device's defaults for ``unshaped``. ``burst`` and ``gso`` override the
+    bucket and the cap (launch/lab_bucket.py compares settings with them). Raises UserError when tc or ip refuses."""
     if profile.shaped:
-        _set_gso(dev, gso_bytes(profile.rate_bps), netns)
-        _tc(netns, "qdisc", "replace", "dev", dev, "root", *tbf_args(profile))
+        gso = gso_bytes(profile.rate_bps) if gso is None else gso
+        _run("ip", netns, "link", "set", "dev", dev, "gso_max_size", str(gso))
+        _run("tc", netns, "qdisc", "replace", "dev", dev, "root", *tbf_args(profile, burst))
     else:
         unshape_dev(dev, netns)
 
 
 def unshape_dev(dev: str, netns: str | None = None) -> None:
     """Remove any root qdisc of ``dev`` (none there is fine) and give it back the default GSO packet size."""
-    _tc(netns, "qdisc", "del", "dev", dev, "root", check=False)
-    _set_gso(dev, GSO_DEFAULT, netns, check=False)
-
-
-def _set_gso(dev: str, nbytes: int, netns: str | None, check: bool = True) -> None:
-    cmd = ["ip", *(["-n", netns] if netns else []), "link", "set", "dev", dev, "gso_max_size", str(nbytes)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
-    if check and res.returncode:
-        raise UserError(f"{' '.join(cmd)} failed: {res.stderr.strip() or res.returncode}")
+    _run("tc", netns, "qdisc", "del", "dev", dev, "root", check=False)
+    _run("ip", netns, "link", "set", "dev", dev, "gso_max_size", str(GSO_DEFAULT), check=False)
