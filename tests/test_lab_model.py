@@ -46,7 +46,7 @@ STEP1 = {"lenet5": 0.011, "vgg16": 0.60}          # seconds per step at N=1
 LINKS = {"10gbit": 1.1e9, "1gbit": 110e6, "200mbit": 23e6}  # bytes/s the shaped links "deliver"
 ALPHA = 60e-6                                      # seconds per gloo message
 TRUTH = T.Terms(algorithm="gloo", first_bucket=True, bucket_cost_s=2e-3, overlap=0.3, straggler=True,
-                straggler_frac=0.1, contention=1.0)
+                straggler_frac=0.1, contention=1.0, comm_cpu_s_per_byte=3e-9)
 JITTER = (1.0, 1.02, 0.98)                         # per repeat, on the step time at N > 1
 
 
@@ -56,8 +56,10 @@ def _coloc(n: int) -> float:
 
 
 def _run(root: Path, pid: str, model: str, n: int, repeat: int, step_s: float, settings: str = "default",
-         network: str = "", dist: dict | None = None, exposed_s: float | None = None) -> None:
-    """One run directory; ``exposed_s``: the exposed communication per step DDP's hook timed (10 timed steps)."""
+         network: str = "", dist: dict | None = None, exposed_s: float | None = None,
+         compute_s: float | None = None) -> None:
+    """One run directory; ``exposed_s``: the exposed communication per step DDP's hook timed (10 timed steps);
+    ``compute_s``: the forward+backward per step (default: the step less ``exposed_s``)."""
     d = root / (f"{pid}-r{repeat}" if repeat else pid)
     d.mkdir(parents=True)
     rec = {"profile": network, "rate_bps": float(network[:-4]) * (1e9 if "gbit" in network else 1e6),
@@ -68,6 +70,8 @@ def _run(root: Path, pid: str, model: str, n: int, repeat: int, step_s: float, s
                      device_type="cpu", network=rec))
     hook = {} if exposed_s is None else {"train_time_s": 10 * step_s, "sync_s": 10 * exposed_s,
                                          "fwd_bwd_s": 10 * (step_s - exposed_s), "comm_timed_hook": "allreduce"}
+    if compute_s is not None:
+        hook.update(train_time_s=10 * step_s, fwd_bwd_s=10 * compute_s)
     write_summary(d, Summary(status="ok", model=model, world_size=n, params=PARAMS[model], micro_batch=16,
                              grad_accum=1, global_batch=16 * n, img_per_s=16 * n / step_s, step_ms_p50=step_s * 1e3,
                              **hook))
@@ -93,27 +97,38 @@ def _truth_step(model: str, n: int, profile: str, dist: dict) -> float:
 
 
 def _truth_exposed(model: str, n: int, profile: str, dist: dict) -> float:
-    return _truth_step(model, n, profile, dist) - T.compute_at(n, STEP1[model], STEP1[model] * _coloc(n), TRUTH)
+    nbytes = scaling.grad_bytes(PARAMS[model], dist.get("comm_hook", "none"))
+    return _truth_step(model, n, profile, dist) - T.compute_at(n, STEP1[model], STEP1[model] * _coloc(n), TRUTH,
+                                                               nbytes)
+
+
+def _truth_fwd_bwd(model: str, n: int, dist: dict) -> float:
+    """The forward+backward per step in training: the calibration's, plus term (f)'s CPU work (the straggler's wait
+    is spent in the all-reduce, not in the backward)."""
+    nbytes = scaling.grad_bytes(PARAMS[model], dist.get("comm_hook", "none"))
+    return STEP1[model] * _coloc(n) + TRUTH.comm_cpu_s_per_byte * T.wire_bytes(nbytes, n)
 
 
 VARIANTS = {("lenet5", "default"): {}, ("vgg16", "default"): {}, ("vgg16", "hook_bf16"): {"comm_hook": "bf16"}}
 
 
 def _lab(root: Path, skip_fit: tuple = (), hook: bool = False) -> Path:
-    """A lab study: N=1 baselines, compute_only at every N, 3 variants x N in {2,3,4} x 3 profiles, 3 repeats;
-    ``hook``: with the exposed communication DDP's hook times."""
+    """A lab study: N=1 baselines, compute_only at every N, 3 variants x N in {2,3,4} x 3 profiles, 3 repeats, each
+    with its forward+backward time; ``hook``: with the exposed communication DDP's hook times."""
     for repeat in range(3):
         for model in PARAMS:
             _run(root, f"{model}-ws1", model, 1, repeat, STEP1[model])
             for n in (2, 3, 4):
                 _run(root, f"{model}-ws{n}-compute_only", model, n, repeat, STEP1[model] * _coloc(n),
-                     "compute_only", dist={"compute_only": True})
+                     "compute_only", dist={"compute_only": True}, exposed_s=0.0 if hook else None,
+                     compute_s=STEP1[model] * _coloc(n))
         for (model, settings), dist in VARIANTS.items():
             for n in (2, 3, 4):
                 for prof in LINKS:
                     _run(root, f"{model}-{settings}-ws{n}-{prof}", model, n, repeat,
                          _truth_step(model, n, prof, dist) * JITTER[repeat], settings, prof, dist,
-                         _truth_exposed(model, n, prof, dist) * JITTER[repeat] if hook else None)
+                         _truth_exposed(model, n, prof, dist) * JITTER[repeat] if hook else None,
+                         _truth_fwd_bwd(model, n, dist) * JITTER[repeat])
     for n in (2, 3, 4):
         for prof in LINKS:
             if (prof, n) not in skip_fit:
@@ -135,7 +150,7 @@ def test_base_terms_are_todays_model():
         for nbytes in (1e5, 44e6, 58.9e6):
             assert T.efficiency(0.5, nbytes, n, ic) == pytest.approx(scaling.predict_efficiency(0.5, nbytes, n, ic),
                                                                      rel=1e-12)
-    assert T.BASE.label() == "none" and ALL_TERMS.label() == "a+b+c+d+e"
+    assert T.BASE.label() == "none" and ALL_TERMS.label() == "a+b+c+d+e+f"
 
 
 def test_gloo_ring_counts_its_segments_and_hides_the_reduction():
@@ -201,8 +216,18 @@ def test_overlap_and_straggler_terms():
     assert T.step_s(1.0, 1000, 2, ic1, terms=e) == pytest.approx(1.0 + 2.5e-3)
     case = fitting.Case("c", 2, "p", 1000, 25.0, 1.0, 2.0, {"ring": ic1})
     assert fitting.predict_exposed_s(case, e) == pytest.approx(2.5e-3)  # compute at N (d off): 1 s
-    assert fitting.free_values(ALL_TERMS) == ["overlap", "bucket_cost_s", "straggler_frac", "contention"]
-    with pytest.raises(ValueError, match="choose from: a, b, c, d, e"):
+    assert fitting.free_values(ALL_TERMS) == ["overlap", "bucket_cost_s", "straggler_frac", "contention",
+                                              "comm_cpu_s_per_byte"]
+    f = T.Terms(comm_cpu_s_per_byte=2e-9)                            # 2 ns per byte a rank sends
+    assert T.compute_at(4, 1.0, 2.0, f, 1e8) == pytest.approx(1.0 + 2e-9 * 1.5e8)  # d off: compute at N = at 1
+    assert T.compute_at(1, 1.0, 2.0, f, 1e8) == 1.0 and T.wire_bytes(1e8, 1) == 0.0
+    assert T.step_s(1.0, 1000, 2, ic1, terms=f) == pytest.approx(1.0 + 2e-9 * 1000 + 1e-3)
+    assert T.without(TRUTH, "f").comm_cpu_s_per_byte is None
+    growth = [fitting.Case("c", n, "p", b, 25.0, 1.0, 2.0, {"ring": ic1}, measured_compute_s=2.0 + 3e-9 * w,
+                           calib_compute_s=2.0) for n, b in ((2, 1e7), (4, 4e7)) for w in [T.wire_bytes(b, n)]]
+    assert fitting.fit_comm_cpu(growth) == pytest.approx(3e-9)
+    assert fitting.fit_comm_cpu([_case(2, 1e7, 2.0)]) is None       # no forward+backward times: nothing to fit to
+    with pytest.raises(ValueError, match="choose from: a, b, c, d, e, f"):
         T.without(TRUTH, "z")
 
 
@@ -229,7 +254,7 @@ def test_split_and_error_figures():
     for bad in ("x=1", "n=", "n=two"):
         with pytest.raises(UserError, match="--fit-on"):
             parse_split(bad)
-    assert parse_terms("none") == T.BASE and parse_terms("abcde") == ALL_TERMS
+    assert parse_terms("none") == T.BASE and parse_terms("abcdef") == ALL_TERMS
     assert parse_terms("ad").label() == "a+d"
     with pytest.raises(UserError, match="choose from: a gloo ring"):
         parse_terms("axe")
@@ -283,7 +308,7 @@ def test_lab_efficiency_pairs_repeat_i_with_repeat_i_of_the_unprofiled_baseline(
     console = Console(record=True, width=80, file=io.StringIO(), color_system=None)
     render_lab(lab_result(runs, rows, fits), console)
     text = " ".join(console.export_text().split())
-    assert "4 values fitted on 2 link-ruled points, too few to determine them" in text
+    assert "5 values fitted on 2 link-ruled points, too few to determine them" in text
     assert "checked no points" in text
 
 
@@ -306,14 +331,14 @@ def test_fitted_terms_recover_the_truth_and_the_check_part_agrees(tmp_path):
     assert res.fit_target == "efficiency"  # no hook timing in these records: every value fitted to the efficiency
     assert {p["part"] for p in res.points if p["world_size"] == 3} == {"check"}
     t = res.terms  # the truth: the median repeat has no jitter
-    assert (t.overlap, t.bucket_cost_s, t.straggler_frac, t.contention) == pytest.approx((0.3, 2e-3, 0.1, 1.0),
-                                                                                          rel=0.02)
+    assert (t.overlap, t.bucket_cost_s, t.straggler_frac, t.contention, t.comm_cpu_s_per_byte) == pytest.approx(
+        (0.3, 2e-3, 0.1, 1.0, 3e-9), rel=0.02)
     assert res.figures["check"]["n"] == 9 and res.figures["check"]["worst"] < 0.1
     assert res.figures["all"]["median"] < 0.1
     base = next(fg for name, _, fg in res.ablation if name.startswith("base"))
     assert base["all"]["worst"] > 10 * res.figures["all"]["worst"]
     without = {name[9:10]: fg for name, _, fg in res.ablation if name.startswith("without")}
-    assert set(without) == {"a", "b", "c", "d", "e"}
+    assert set(without) == {"a", "b", "c", "d", "e", "f"}
     assert all(fg["check"]["worst"] > res.figures["check"]["worst"] for fg in without.values())
     assert all(p["within_noise"] for p in res.points if p["ruled_by"] == "link")
     # the cross-checks: fit on two profiles, check on the third (the slowest, then the fastest)
@@ -331,6 +356,7 @@ def test_with_the_hooks_timing_the_communication_terms_are_fitted_to_it(tmp_path
     res = compare(entries)
     assert res.fit_target == "hook"
     t = res.terms
+    assert t.comm_cpu_s_per_byte == pytest.approx(3e-9, rel=1e-3)  # (f) from the forward+backward's growth
     assert (t.overlap, t.bucket_cost_s, t.contention, t.straggler_frac) == pytest.approx((0.3, 2e-3, 1.0, 0.1),
                                                                                           rel=0.05)
     assert all(p["pred_exposed_ms"] == pytest.approx(p["exposed_ms"], rel=0.01) for p in res.points)

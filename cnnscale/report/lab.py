@@ -10,10 +10,11 @@ bucket size from config.yaml, and the interconnect of its own profile and N: ``f
 ``allreduce-<profile>-ws<N>.json`` (in the ring form and in gloo's), else ``preset`` (the profile's measured link
 or its rate; :func:`cnnscale.report.load.profile_preset`).
 
-The terms (:mod:`cnnscale.scaling.terms`: a gloo ring, b DDP buckets, c overlap, d straggler, e contention) are
-fitted on one part of the matrix and checked on the other (:class:`cnnscale.scaling.fit.Split`, by default N in
-{2, 4} fitted and N=3 checked): b, c and e to the exposed communication DDP's hook timed (the median comm share x
-the median step) where it timed it, d to the efficiency (:func:`cnnscale.scaling.fit.fit_terms`). The ablation
+The terms (:mod:`cnnscale.scaling.terms`: a gloo ring, b DDP buckets, c overlap, d straggler, e contention, f comm
+CPU) are fitted on one part of the matrix and checked on the other (:class:`cnnscale.scaling.fit.Split`, by default
+N in {2, 4} fitted and N=3 checked): f to the forward+backward's growth against the compute_only calibration (median
+compute share x median step of each), b, c and e to the exposed communication DDP's hook timed (the median comm
+share x the median step) where it timed it, d to the efficiency (:func:`cnnscale.scaling.fit.fit_terms`). The ablation
 refits without each term in turn, so each line shows what that term buys; the cross-checks refit on other splits.
 Points ruled by the scheduler (:func:`cnnscale.scaling.fit.scheduler_ruled`) are in every figure and also apart.
 Pure: rows and runs in, a result out. Cost: about 0.1 s per fit (nine fits).
@@ -37,8 +38,9 @@ from cnnscale.scaling import terms as T
 __all__ = ["LabResult", "lab_cases", "compare", "lab_result", "parse_split", "parse_terms", "ALL_TERMS",
            "DEFAULT_SPLIT", "LAB_COLUMNS"]
 
-ALL_TERMS = T.Terms(algorithm="gloo", first_bucket=True, overlap=0.0, straggler=True, contention=0.0)
-"""Every term on, before fitting (overlap, bucket cost, straggler share and contention start at 0)."""
+ALL_TERMS = T.Terms(algorithm="gloo", first_bucket=True, overlap=0.0, straggler=True, contention=0.0,
+                    comm_cpu_s_per_byte=0.0)
+"""Every term on, before fitting (overlap, bucket cost, straggler share, contention and comm CPU start at 0)."""
 DEFAULT_SPLIT = fitting.Split("n", (2, 4))
 LAB_COLUMNS = ("model", "settings", "network", "world_size", "repeats", "efficiency", "efficiency_lo",
                "efficiency_hi", "pred", "pred_base", "error_pts", "within_noise", "interconnect", "ic_source",
@@ -65,7 +67,7 @@ class LabResult:
 
 
 def parse_terms(text: str) -> T.Terms:
-    """``--terms``: letters of :data:`cnnscale.scaling.terms.TERM_NAMES` (``abcde``, ``ad``) or ``none``."""
+    """``--terms``: letters of :data:`cnnscale.scaling.terms.TERM_NAMES` (``abcdef``, ``ad``) or ``none``."""
     if text == "none":
         return T.BASE
     if not text or any(c not in T.TERM_NAMES for c in text):
@@ -92,13 +94,21 @@ def parse_split(text: str) -> fitting.Split:
     return fitting.Split("profile", tuple(parts))
 
 
-def _calibrations(rows: list[dict[str, Any]]) -> dict[tuple, float]:
-    """compute_only step (s, median over repeats) by (model, precision, per-worker batch, N)."""
+def _calibrations(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """compute_only rows (their median step and compute share) by (model, precision, per-worker batch, N)."""
     out = {}
     for r in rows:
         if r["status"] == "ok" and "compute_only" in r["settings"] and r["step_s"]:
-            out.setdefault((r["model"], r["precision"], _batch(r), r["world_size"]), r["step_s"])
+            out.setdefault((r["model"], r["precision"], _batch(r), r["world_size"]), r)
     return out
+
+
+def _compute_s(r: dict[str, Any] | None) -> float | None:
+    """The forward+backward time per step of row ``r``: the median compute share x the median step (None when
+    either is missing)."""
+    if not r or r.get("compute_share") is None or not r.get("step_s"):
+        return None
+    return r["compute_share"] * r["step_s"]
 
 
 def _batch(r: dict[str, Any]) -> int:
@@ -163,11 +173,12 @@ def lab_cases(runs: list[Run], rows: list[dict[str, Any]], fits: dict[str, dict[
                 warnings.append(f"{r['model']} N={r['world_size']}: no compute_only calibration; term (d) takes the "
                                 "compute time at N from N=1 there")
         hook = dist.get("comm_hook", "none")
+        crow = calib.get(ckey)
         case = fitting.Case(f"{r['model']} {variant_label(r)} N={r['world_size']}", r["world_size"], r["network"],
                             scaling.grad_bytes(params, hook), float(dist.get("bucket_mb", 25)), step1,
-                            calib.get(ckey), ics, r["efficiency"], scaling.grad_bytes(params) /
+                            crow["step_s"] if crow else None, ics, r["efficiency"], scaling.grad_bytes(params) /
                             scaling.grad_bytes(params, hook), 4.0 * (run.env.largest_layer_params or 0),
-                            _hook_exposed_s(r))
+                            _hook_exposed_s(r), _compute_s(r), _compute_s(crow))
         out.append((r, case, source))
     return out
 

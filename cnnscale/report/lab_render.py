@@ -73,6 +73,9 @@ def describe_terms(t: T.Terms) -> str:
                      f"per-rank times are not recorded) + {t.straggler_frac:.2f} x (N-1)/N of it")
     if t.contention is not None:
         parts.append(f"(e) contention: an all-reduce takes {1 + t.contention:.1f}x its benchmark time in training")
+    if t.comm_cpu_s_per_byte is not None:
+        parts.append(f"(f) comm CPU: the compute at N grows by {t.comm_cpu_s_per_byte * 1e9:.2f} ns per byte a "
+                     "rank sends")
     return "; ".join(parts) or "none (the base model)"
 
 
@@ -89,7 +92,8 @@ def _values(t: T.Terms) -> str:
     parts = [f"overlap {t.overlap:.2f}" if t.overlap is not None else "",
              f"{t.bucket_cost_s * 1e3:.2f} ms/bucket" if t.first_bucket or t.bucket_cost_s > 0 else "",
              f"straggler {t.straggler_frac:.2f}" if t.straggler else "",
-             f"contention {t.contention:.1f}" if t.contention is not None else ""]
+             f"contention {t.contention:.1f}" if t.contention is not None else "",
+             f"comm CPU {t.comm_cpu_s_per_byte * 1e9:.2f} ns/B" if t.comm_cpu_s_per_byte is not None else ""]
     return ", ".join(p for p in parts if p) or "nothing fitted"
 
 
@@ -123,7 +127,9 @@ def render_lab(result: LabResult, console: Console) -> None:
         f"- split: {result.split.describe()} ({fitted} fitted, {len(result.points) - fitted} checked; "
         "scheduler-ruled points are never fitted)" + _underdetermined(result) + ". "
         + ("Fitted: b, c and e to the exposed communication DDP's hook timed, d to the efficiency."
-           if result.fit_target == "hook" else "Fitted: every value to the efficiency (no hook timing)."),
+           if result.fit_target == "hook" else "Fitted: every value to the efficiency (no hook timing).")
+        + (" f to the forward+backward's growth over the compute_only run at N (where recorded)."
+           if result.terms.comm_cpu_s_per_byte is not None else ""),
         f"- |error| in points, all {_fig(f['all'])}; checked {_fig(f['check'])}; fitted {_fig(f['fit'])}.",
         f"- apart: link-ruled {_fig(f['link'])}; scheduler-ruled {_fig(f['scheduler'])}.",
         f"- within noise: {within} of {len(result.points)}.",
@@ -165,7 +171,8 @@ def write_lab_csv(result: LabResult, path: str | Path) -> None:
 def _terms_dict(t: T.Terms) -> dict[str, Any]:
     return {"label": t.label(), "algorithm": t.algorithm, "first_bucket": t.first_bucket,
             "bucket_cost_s": t.bucket_cost_s, "overlap": t.overlap, "straggler": t.straggler,
-            "straggler_frac": t.straggler_frac, "contention": t.contention}
+            "straggler_frac": t.straggler_frac, "contention": t.contention,
+            "comm_cpu_s_per_byte": t.comm_cpu_s_per_byte}
 
 
 def write_lab_json(result: LabResult, path: str | Path) -> None:

@@ -7,9 +7,11 @@ all-reduce form: ``ring`` and ``gloo``), and the measured efficiency (the median
 
 **The split** (:class:`Split`): the cases whose N (or profile) is in ``values`` are fitted, the others checked.
 The fitted values are the ones the terms cannot know from the records: the overlap fraction (c), the per-bucket
-cost (b), the straggler's share (d) and the contention factor (e). :func:`fit_terms` fits them on the fit cases
-that are ruled by the link, and nothing else: the communication's values (b, c, e) to the exposed communication
-DDP's hook timed (when it did), the straggler's share to the efficiency (mean |error| in points).
+cost (b), the straggler's share (d), the contention factor (e) and the communication's CPU cost per byte (f).
+:func:`fit_terms` fits them on the fit cases that are ruled by the link, and nothing else: the CPU cost (f) to how
+much longer the forward+backward took in training than in the compute_only calibration at the same N (when the
+records have both), the communication's values (b, c, e) to the exposed communication DDP's hook timed (when it
+did), the straggler's share to the efficiency (mean |error| in points).
 
 **The scheduler rule** (:func:`scheduler_ruled`): a point is ruled by the OS scheduler rather than by the link when
 its compute_only calibration at N alone loses at least :data:`COLOC_LOSS_MIN` of the efficiency (N processes
@@ -24,11 +26,12 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from cnnscale.scaling import terms as T
 from cnnscale.scaling.model import Interconnect
 from cnnscale.scaling.terms import BASE, Terms, compute_at, efficiency, step_s
 
 __all__ = ["Case", "Split", "predict", "predict_exposed_s", "free_values", "scheduler_ruled", "fit_terms", "fit_target",
-           "error_figures", "OVERLAPS", "BUCKET_COSTS_S", "STRAGGLER_FRACS", "CONTENTIONS", "BOUNDS",
+           "error_figures", "fit_comm_cpu", "OVERLAPS", "BUCKET_COSTS_S", "STRAGGLER_FRACS", "CONTENTIONS", "BOUNDS",
            "COLOC_LOSS_MIN", "COMM_SHARE_MAX", "SPLIT_KINDS", "COMM_VALUES"]
 
 COLOC_LOSS_MIN = 0.10
@@ -39,6 +42,7 @@ OVERLAPS = tuple(i / 50 for i in range(51))
 BUCKET_COSTS_S = tuple(i * 0.25e-3 for i in range(81))
 STRAGGLER_FRACS = tuple(i / 50 for i in range(51))
 CONTENTIONS = tuple(i / 10 for i in range(61))
+COMM_CPU_S_PER_BYTE = tuple(i * 0.25e-9 for i in range(81))
 SPLIT_KINDS = ("n", "profile")
 
 
@@ -61,6 +65,10 @@ class Case:
     """The largest layer's fp32 gradient bytes (DDP's first bucket, term b)."""
     measured_exposed_s: float | None = None
     """The exposed communication per step DDP's hook timed (median over the repeats), None when not timed."""
+    measured_compute_s: float | None = None
+    """The forward+backward time per step of the point (median share x median step), None when not recorded."""
+    calib_compute_s: float | None = None
+    """The same of its compute_only calibration at N (term f's fit: the growth between the two)."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +103,7 @@ def predict_exposed_s(case: Case, terms: Terms = BASE) -> float:
     ic = _ic(case, terms)
     step = step_s(case.compute1_s, case.nbytes, case.n, ic, case.bucket_mb, terms, case.computeN_s,
                   compression=case.compression, largest_bytes=case.largest_bytes)
-    return step - compute_at(case.n, case.compute1_s, case.computeN_s, terms)
+    return step - compute_at(case.n, case.compute1_s, case.computeN_s, terms, case.nbytes)
 
 
 def scheduler_ruled(case: Case) -> bool:
@@ -115,7 +123,8 @@ def _loss(cases: Sequence[Case], terms: Terms) -> float:
     return sum(errs) / len(errs) if errs else 0.0
 
 
-BOUNDS = {"overlap": (0.0, 1.0), "bucket_cost_s": (0.0, 0.02), "straggler_frac": (0.0, 1.0), "contention": (0.0, 6.0)}
+BOUNDS = {"overlap": (0.0, 1.0), "bucket_cost_s": (0.0, 0.02), "straggler_frac": (0.0, 1.0), "contention": (0.0, 6.0),
+          "comm_cpu_s_per_byte": (0.0, 2e-8)}
 """The fitted values' ranges."""
 
 
@@ -135,6 +144,8 @@ def _active(terms: Terms) -> dict[str, tuple]:
         grids["straggler_frac"] = STRAGGLER_FRACS
     if terms.contention is not None:
         grids["contention"] = CONTENTIONS
+    if terms.comm_cpu_s_per_byte is not None:
+        grids["comm_cpu_s_per_byte"] = COMM_CPU_S_PER_BYTE
     return grids
 
 
@@ -213,6 +224,25 @@ COMM_VALUES = ("overlap", "bucket_cost_s", "contention")
 """The values that shape the communication alone (terms b, c, e), fitted to DDP's hook when it timed it."""
 
 
+def _growth(c: Case) -> tuple[float, float] | None:
+    """(bytes a rank sends, seconds the forward+backward grew against the calibration) of ``c``, or None."""
+    if c.measured_compute_s is None or c.calib_compute_s is None or c.n <= 1:
+        return None
+    return T.wire_bytes(c.nbytes, c.n), c.measured_compute_s - c.calib_compute_s
+
+
+def fit_comm_cpu(cases: Sequence[Case]) -> float | None:
+    """Term (f)'s seconds per byte: the least-squares line through the origin of the forward+backward's growth
+    (training against the compute_only calibration at the same N) on the bytes each rank sends, clamped into
+    :data:`BOUNDS`; None when no case has both times."""
+    pairs = [g for g in map(_growth, cases) if g is not None and g[0] > 0]
+    if not pairs:
+        return None
+    k = sum(x * y for x, y in pairs) / sum(x * x for x, _ in pairs)
+    lo, hi = BOUNDS["comm_cpu_s_per_byte"]
+    return min(max(k, lo), hi)
+
+
 def fit_target(cases: Sequence[Case], split: Split) -> str:
     """What :func:`fit_terms` fits the communication's values to on ``split``: ``hook`` (the exposed communication
     DDP's hook timed, on every fit case) or ``efficiency``."""
@@ -232,6 +262,11 @@ def fit_terms(cases: Sequence[Case], terms: Terms, split: Split) -> Terms:
     grids = _active(terms)
     if not train or not grids:
         return terms
+    if "comm_cpu_s_per_byte" in grids and (k := fit_comm_cpu(train)) is not None:
+        terms = replace(terms, comm_cpu_s_per_byte=k)
+        grids.pop("comm_cpu_s_per_byte")
+        if not grids:
+            return terms
     comm = {k: v for k, v in grids.items() if k in COMM_VALUES}
     if comm and fit_target(cases, split) == "hook":
         terms = _minimise(lambda t: _comm_loss(train, t), terms, comm)

@@ -36,6 +36,14 @@ A step on N workers takes ``compute(N) + exposed(N)``; the efficiency against on
   overlap 0 (lenet5, one bucket) to 0.8 (resnet18); those shaped-link figures are from the lab's earlier tbf
   bucket (rate/100), which let a small gradient out at the veth's speed; on the 0.5 ms bucket the full lab fits
   contention 1.0x. Fitted.
+- **(f) comm CPU**: the communication's own CPU work (gloo's copies and reduction, the TCP stack on both ends of
+  every veth) runs beside the backward on the same cores and slows it: the compute at N grows by
+  ``comm_cpu_s_per_byte`` times the bytes each rank sends in the ring (``2(N-1)/N`` of the gradient). Without it
+  the straggler share (d) stood in for it. The full lab measured it directly: the forward+backward time per step of
+  a training point against its compute_only calibration at the same N grew with the gradient, not with the link's
+  time (ResNet-18 at N=2: +0.19, +0.08 and +0.09 s per step at 2gbit, 500mbit and 200mbit for 45 MB; VGG-16
+  +0.14 .. +0.20 s for 59 MB; LeNet-5 +0.5 ms for 0.25 MB): about 2-4 ns per byte. Fitted to that growth
+  (:func:`cnnscale.scaling.fit.fit_comm_cpu`) where the records have it, else to the efficiency.
 
 Pure arithmetic, no torch. Cost: microseconds per prediction.
 """
@@ -51,7 +59,7 @@ from cnnscale.scaling.model import Interconnect, bucket_sizes, ring_allreduce_s
 
 __all__ = ["Terms", "BASE", "TERM_NAMES", "GLOO_MAX_SEGMENT_BYTES", "DDP_FIRST_BUCKET_BYTES", "REDUCE_BPS",
            "gloo_segments", "gloo_allreduce_s", "allreduce_s", "ddp_buckets", "exposed_s", "step_s",
-           "efficiency", "fit_gloo", "without", "compute_at"]
+           "efficiency", "fit_gloo", "without", "compute_at", "wire_bytes"]
 
 GLOO_MAX_SEGMENT_BYTES = 2**20
 """gloo's AllreduceOptions::kMaxSegmentSize: the largest message of its ring."""
@@ -60,7 +68,8 @@ DDP_FIRST_BUCKET_BYTES = 2**20
 REDUCE_BPS = 2e9
 """Bytes per second one CPU core sums fp32 in gloo's reduce-scatter (memory bound: two reads and a write per value)."""
 
-TERM_NAMES = {"a": "gloo ring", "b": "DDP buckets", "c": "overlap", "d": "straggler", "e": "contention"}
+TERM_NAMES = {"a": "gloo ring", "b": "DDP buckets", "c": "overlap", "d": "straggler", "e": "contention",
+              "f": "comm CPU"}
 """The terms by letter, as the module docstring names them."""
 
 
@@ -84,12 +93,15 @@ class Terms:
     """(d) extra wait on the slowest rank, as a share of the compute time at N, times (N-1)/N."""
     contention: float | None = None
     """(e) an all-reduce takes 1 + this times its benchmark time during training; None: off (0)."""
+    comm_cpu_s_per_byte: float | None = None
+    """(f) compute seconds the communication takes from the backward per byte a rank sends; None: off (0)."""
 
     def label(self) -> str:
         """The terms that are on, e.g. ``a+b+d`` (``none`` when none is)."""
         on = [k for k, v in (("a", self.algorithm == "gloo"), ("b", self.first_bucket or self.bucket_cost_s > 0),
                              ("c", self.overlap is not None), ("d", self.straggler),
-                             ("e", self.contention is not None)) if v]
+                             ("e", self.contention is not None), ("f", self.comm_cpu_s_per_byte is not None))
+              if v]
         return "+".join(on) or "none"
 
 
@@ -98,9 +110,10 @@ BASE = Terms()
 
 
 def without(terms: Terms, letter: str) -> Terms:
-    """``terms`` with term ``letter`` (a, b, c, d) switched off."""
+    """``terms`` with term ``letter`` (a .. f) switched off."""
     off = {"a": {"algorithm": "ring"}, "b": {"first_bucket": False, "bucket_cost_s": 0.0}, "c": {"overlap": None},
-           "d": {"straggler": False, "straggler_frac": 0.0}, "e": {"contention": None}}
+           "d": {"straggler": False, "straggler_frac": 0.0}, "e": {"contention": None},
+           "f": {"comm_cpu_s_per_byte": None}}
     if letter not in off:
         raise ValueError(f"unknown term {letter!r} (choose from: {', '.join(off)})")
     return replace(terms, **off[letter])
@@ -180,11 +193,20 @@ def _bucket_times(nbytes: float, n: int, ic: Interconnect, bucket_mb: float, alg
     return buckets, tuple(allreduce_s(b, n, ic, plain) for b in buckets)
 
 
-def compute_at(n: int, compute1_s: float, computeN_s: float | None, terms: Terms) -> float:
-    """Compute time per step at ``n`` (term d: from the calibration at n, plus the wait on the slowest rank)."""
-    if not terms.straggler or n <= 1 or not computeN_s:
+def wire_bytes(nbytes: float, n: int) -> float:
+    """Bytes each rank sends in a ring all-reduce of ``nbytes`` over ``n`` (``2(n-1)/n`` of them; 0 for n <= 1)."""
+    return 2 * (n - 1) / n * nbytes if n > 1 else 0.0
+
+
+def compute_at(n: int, compute1_s: float, computeN_s: float | None, terms: Terms, nbytes: float = 0.0) -> float:
+    """Compute time per step at ``n`` (term d: from the calibration at n, plus the wait on the slowest rank; term f:
+    plus the communication's CPU work on ``nbytes`` of gradient on the wire)."""
+    if n <= 1:
         return compute1_s
-    return computeN_s * (1 + terms.straggler_frac * (n - 1) / n)
+    base = compute1_s
+    if terms.straggler and computeN_s:
+        base = computeN_s * (1 + terms.straggler_frac * (n - 1) / n)
+    return base + (terms.comm_cpu_s_per_byte or 0.0) * wire_bytes(nbytes, n)
 
 
 def step_s(compute1_s: float, nbytes: float, n: int, ic: Interconnect, bucket_mb: float = 25.0,
@@ -193,7 +215,7 @@ def step_s(compute1_s: float, nbytes: float, n: int, ic: Interconnect, bucket_mb
     """Predicted seconds per optimiser step at ``n`` workers (weak scaling). ``nbytes``: bytes on the wire;
     ``compression``: fp32 gradient bytes per byte on the wire (2 under an fp16/bf16 hook: DDP's buckets are cut
     by fp32 bytes); ``largest_bytes``: the largest layer's fp32 gradient (term b's first bucket)."""
-    compute = compute_at(n, compute1_s, computeN_s, terms)
+    compute = compute_at(n, compute1_s, computeN_s, terms, nbytes)
     if n <= 1 or nbytes <= 0:
         return compute
     buckets, times = _bucket_times(nbytes, n, ic, bucket_mb, terms.algorithm, terms.first_bucket, terms.reduce_Bps,
