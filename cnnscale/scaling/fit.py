@@ -26,9 +26,8 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from cnnscale.scaling import terms as T
 from cnnscale.scaling.model import Interconnect
-from cnnscale.scaling.terms import BASE, Terms, compute_at, efficiency, step_s
+from cnnscale.scaling.terms import BASE, Terms, compute_at, efficiency, step_s, wire_bytes
 
 __all__ = ["Case", "Split", "predict", "predict_exposed_s", "free_values", "scheduler_ruled", "fit_terms", "fit_target",
            "error_figures", "fit_comm_cpu", "OVERLAPS", "BUCKET_COSTS_S", "STRAGGLER_FRACS", "CONTENTIONS", "BOUNDS",
@@ -228,7 +227,7 @@ def _growth(c: Case) -> tuple[float, float] | None:
     """(bytes a rank sends, seconds the forward+backward grew against the calibration) of ``c``, or None."""
     if c.measured_compute_s is None or c.calib_compute_s is None or c.n <= 1:
         return None
-    return T.wire_bytes(c.nbytes, c.n), c.measured_compute_s - c.calib_compute_s
+    return wire_bytes(c.nbytes, c.n), c.measured_compute_s - c.calib_compute_s
 
 
 def fit_comm_cpu(cases: Sequence[Case]) -> float | None:

@@ -19,8 +19,9 @@ needs the same cores as the compute. So exposed = overlap · exposed_if_overlapp
 What the model leaves out (and where its misses come from): compute slowing down when workers share a machine
 (memory bandwidth, the other engineers' jobs on a shared box), stragglers, DDP's per-step bookkeeping and the
 first-bucket latency of the launch, and the network's contention in multi-node rings. The switchable terms of
-:mod:`cnnscale.scaling.terms` (gloo's real ring, DDP's buckets, partial overlap, the straggler) add the first
-three; :mod:`cnnscale.scaling.fit` fits them on one part of a lab matrix and checks them on the other.
+:mod:`cnnscale.scaling.terms` (gloo's real ring, DDP's buckets, partial overlap, the straggler, the
+communication's CPU work slowing the backward) add the first three; :mod:`cnnscale.scaling.fit` fits them on one
+part of a lab matrix and checks them on the other.
 """
 
 from __future__ import annotations
