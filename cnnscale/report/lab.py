@@ -45,9 +45,11 @@ DEFAULT_SPLIT = fitting.Split("n", (2, 4))
 LAB_COLUMNS = ("model", "settings", "network", "world_size", "repeats", "efficiency", "efficiency_lo",
                "efficiency_hi", "pred", "pred_base", "error_pts", "within_noise", "interconnect", "ic_source",
                "part", "ruled_by", "compute1_ms", "computeN_ms", "grad_mb", "bucket_mb", "exposed_ms",
-               "pred_exposed_ms")
+               "pred_exposed_ms", "fwd_bwd_ms", "calib_fwd_bwd_ms")
 """The lab export's columns (CSV/JSON), one row per lab point; ``exposed_ms``: the exposed communication per step
-that DDP's hook measured (the median comm share x the median step), beside the model's (``pred_exposed_ms``)."""
+that DDP's hook measured (the median comm share x the median step), beside the model's (``pred_exposed_ms``);
+``fwd_bwd_ms`` and ``calib_fwd_bwd_ms``: the forward+backward per step of the point and of its compute_only run
+(term f's fit: the growth between them)."""
 
 
 @dataclass
@@ -208,7 +210,12 @@ def _point(row: dict[str, Any], case: fitting.Case, source: str, terms: T.Terms,
             "computeN_ms": 1000 * case.computeN_s if case.computeN_s else None,
             "grad_mb": case.nbytes / 1e6, "bucket_mb": case.bucket_mb, "run": row["run"],
             "exposed_ms": 1000 * case.measured_exposed_s if case.measured_exposed_s is not None else None,
-            "pred_exposed_ms": 1000 * fitting.predict_exposed_s(case, terms)}
+            "pred_exposed_ms": 1000 * fitting.predict_exposed_s(case, terms),
+            "fwd_bwd_ms": _ms(case.measured_compute_s), "calib_fwd_bwd_ms": _ms(case.calib_compute_s)}
+
+
+def _ms(s: float | None) -> float | None:
+    return 1000 * s if s is not None else None
 
 
 def _ordered(entries: list[tuple[dict[str, Any], fitting.Case, str]]

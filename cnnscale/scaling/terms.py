@@ -41,8 +41,9 @@ A step on N workers takes ``compute(N) + exposed(N)``; the efficiency against on
   ``comm_cpu_s_per_byte`` times the bytes each rank sends in the ring (``2(N-1)/N`` of the gradient). Without it
   the straggler share (d) stood in for it. The full lab measured it directly: the forward+backward time per step of
   a training point against its compute_only calibration at the same N grew with the gradient, not with the link's
-  time (ResNet-18 at N=2: +0.19, +0.08 and +0.09 s per step at 2gbit, 500mbit and 200mbit for 45 MB; VGG-16
-  +0.14 .. +0.20 s for 59 MB; LeNet-5 +0.5 ms for 0.25 MB): about 2-4 ns per byte. Fitted to that growth
+  time (ResNet-18 at N=2: +0.14, +0.07 and +0.07 s per step at 2gbit, 500mbit and 200mbit for 45 MB; VGG-16
+  +0.15 .. +0.17 s for 59 MB; LeNet-5 +0.2 .. +0.8 ms for 0.25 MB; the lab export's ``fwd_bwd_ms`` and
+  ``calib_fwd_bwd_ms``): the full fit reads 2.6 ns per byte. Fitted to that growth
   (:func:`cnnscale.scaling.fit.fit_comm_cpu`) where the records have it, else to the efficiency.
 
 Pure arithmetic, no torch. Cost: microseconds per prediction.
