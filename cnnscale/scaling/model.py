@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from cnnscale.errors import choices_error
 
 __all__ = [
-    "Interconnect", "PRESETS", "get_interconnect", "ring_allreduce_s", "bucket_sizes", "exposed_comm_s",
+    "Interconnect", "PRESETS", "get_interconnect", "ring_allreduce_s", "wire_bytes", "bucket_sizes", "exposed_comm_s",
     "step_time_s", "predict_efficiency", "grad_bytes", "fit_alpha_beta", "interconnect_from_fit",
     "WORLD_SIZES",
 ]
@@ -73,11 +73,16 @@ def get_interconnect(name: str, measured: Interconnect | None = None) -> Interco
     return PRESETS[name]
 
 
+def wire_bytes(nbytes: float, n: int) -> float:
+    """Bytes each rank sends in a ring all-reduce of ``nbytes`` over ``n`` (``2(n-1)/n`` of them; 0 for n <= 1)."""
+    return 2 * (n - 1) / n * nbytes if n > 1 else 0.0
+
+
 def ring_allreduce_s(nbytes: float, n: int, ic: Interconnect) -> float:
     """Ring all-reduce of ``nbytes`` over ``n`` workers: ``2(n-1)/n · bytes / bw + 2(n-1) · α`` (0 for n <= 1)."""
     if n <= 1 or nbytes <= 0:
         return 0.0
-    return 2 * (n - 1) / n * nbytes / ic.bandwidth_Bps + 2 * (n - 1) * ic.latency_s
+    return wire_bytes(nbytes, n) / ic.bandwidth_Bps + 2 * (n - 1) * ic.latency_s
 
 
 def bucket_sizes(total_bytes: float, bucket_mb: float) -> list[float]:

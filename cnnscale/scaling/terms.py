@@ -56,7 +56,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from cnnscale.scaling.model import Interconnect, bucket_sizes, ring_allreduce_s
+from cnnscale.scaling.model import Interconnect, bucket_sizes, ring_allreduce_s, wire_bytes
 
 __all__ = ["Terms", "BASE", "TERM_NAMES", "GLOO_MAX_SEGMENT_BYTES", "DDP_FIRST_BUCKET_BYTES", "REDUCE_BPS",
            "gloo_segments", "gloo_allreduce_s", "allreduce_s", "ddp_buckets", "exposed_s", "step_s",
@@ -192,11 +192,6 @@ def _bucket_times(nbytes: float, n: int, ic: Interconnect, bucket_mb: float, alg
                                                           largest_bytes))
     plain = Terms(algorithm=algorithm, reduce_Bps=reduce_Bps)
     return buckets, tuple(allreduce_s(b, n, ic, plain) for b in buckets)
-
-
-def wire_bytes(nbytes: float, n: int) -> float:
-    """Bytes each rank sends in a ring all-reduce of ``nbytes`` over ``n`` (``2(n-1)/n`` of them; 0 for n <= 1)."""
-    return 2 * (n - 1) / n * nbytes if n > 1 else 0.0
 
 
 def compute_at(n: int, compute1_s: float, computeN_s: float | None, terms: Terms, nbytes: float = 0.0) -> float:
