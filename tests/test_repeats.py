@@ -81,6 +81,29 @@ def test_expand_is_round_robin_and_repeat_is_not_part_of_the_id():
         parse_spec({**SPEC, "repeats": 0})
 
 
+def test_repeats_at_runs_some_world_sizes_more_often_still_round_robin(tmp_path, capsys):
+    spec = parse_spec({**SPEC, "repeats_at": {1: 5}})
+    points = expand(spec)
+    once = expand(parse_spec({**SPEC, "repeats": 1}))
+    ws1 = [p for p in once if p.world_size == 1]
+    assert len(ws1) == 2 and len(points) == 3 * len(once) + 2 * len(ws1)
+    assert [p.id for p in points[-4:]] == [p.id for p in ws1] * 2  # passes 4 and 5: the N = 1 points alone
+    assert {p.id: p.repeats for p in points} == {p.id: 5 if p.world_size == 1 else 3 for p in once}
+    assert sorted(p.repeat for p in points if p.id == ws1[0].id) == [0, 1, 2, 3, 4]
+    assert all(points[i].id != points[i + 1].id for i in range(len(points) - 1))
+    assert spec.repeats_for(2) == 3 and spec.max_repeats == 5
+    out = tmp_path / "study"
+    run_study(parse_spec({**SPEC, "models": ["lenet5"], "settings": None, "repeats": 1, "repeats_at": {2: 2}}), out,
+              FakeBackend())
+    said = capsys.readouterr().out
+    assert "[study] 3 points (2 x 1-2 repeats, round-robin)" in said
+    assert "3/3 lenet5-ws2-no-mb32 repeat 2/2: ok" in said and "lenet5-ws1-no-mb32: ok" in said
+    for bad, msg in (({1: 0}, "repeats_at.1 must be >= 1"), ({3: 2}, r"repeats_at world sizes \[3\] are not among"),
+                     ([1, 5], "repeats_at must be a mapping of world size: runs")):
+        with pytest.raises(Exception, match=msg):
+            parse_spec({**SPEC, "repeats_at": bad})
+
+
 def test_run_study_records_each_repeat_and_resume_skips_the_done_ones(tmp_path):
     spec = parse_spec({**SPEC, "models": ["lenet5"], "settings": None, "repeats": 2})
     out = tmp_path / "study"

@@ -218,7 +218,7 @@ def run_study(spec: StudySpec, out: Path, backend: Backend | None = None,
             else:
                 _lab_bench(spec, out, backend, lab, prog.say)
             points = expand(spec, _max_batches(spec, out, backend, prog.say))
-            prog.start(len(points), spec.repeats)
+            prog.start(points)
             results = []
             for p in points:
                 run_dir = out / p.run_name

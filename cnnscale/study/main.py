@@ -13,6 +13,7 @@ package data, :mod:`cnnscale.resources`). A study file (see configs/studies/quic
     global_batch: 256          # strong scaling
     max_steps: 20
     repeats: 3                 # every point 3 times, round-robin: the report's median and spread (default 1)
+    repeats_at: {1: 5}         # ... but the points of these world sizes this many times
     data: synthetic
     timeout_s: 600             # per point; the whole process group is killed after it
     threads_per_process: 1     # OMP_NUM_THREADS per process (CPU); 0 leaves it alone (GPU)
@@ -65,7 +66,7 @@ def dry_run(spec: StudySpec, out: Path) -> None:
     for p in expand(spec):
         run_dir = out / p.run_name
         state = "done" if is_done(run_dir, p) else "todo"
-        rep = f"  repeat {p.repeat + 1}/{spec.repeats}" if spec.repeats > 1 else ""
+        rep = f"  repeat {p.repeat + 1}/{p.repeats}" if p.repeats > 1 else ""
         args = point_args(p, spec, run_dir)
         if spec.profiles and p.world_size > 1:  # the lab: one process per namespace, env:// rendezvous
             net = p.network or "unshaped"

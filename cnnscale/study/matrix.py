@@ -47,6 +47,9 @@ class Point:
     scaling: str = "weak"
     repeat: int = 0
     """Which run of the point this is (0 .. repeats - 1); not part of :attr:`id`."""
+    repeats: int = 1
+    """How many runs the point has (the study's ``repeats``, or its ``repeats_at`` for this world size); not part
+    of :attr:`id`."""
     network: str = ""
     """The network profile it runs under (``1gbit``; see :mod:`cnnscale.lab.shape`), "" for none: a point of a
     study without networks, a world-size-1 baseline, or a compute_only calibration (which runs in the lab's
@@ -139,8 +142,8 @@ def _strong_points(spec: StudySpec, m: ModelSpec, max_micro: int | None, variant
 def expand(spec: StudySpec, max_batches: dict[str, int] | None = None) -> list[Point]:
     """Every point of the matrix, model-major, world size then network profile innermost, then the whole matrix
     again for each further repeat (round-robin: never one point K times in a row, so drift of the machine falls on
-    every point alike). A model with ``settings: [..]`` runs only those variants. ``max_batches``: model -> found
-    micro-batch.
+    every point alike); a point with fewer runs (``repeats_at``) drops out of the later passes. A model with
+    ``settings: [..]`` runs only those variants. ``max_batches``: model -> found micro-batch.
 
     Raises UserError when the batch rules fail or two points would share an id."""
     build = _weak_points if spec.scaling == "weak" else _strong_points
@@ -156,7 +159,8 @@ def expand(spec: StudySpec, max_batches: dict[str, int] | None = None) -> list[P
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise UserError(f"{spec.source}: the matrix repeats points {', '.join(dup)}")
-    return [replace(p, repeat=k) for k in range(spec.repeats) for p in points]
+    return [replace(p, repeat=k, repeats=spec.repeats_for(p.world_size)) for k in range(spec.max_repeats)
+            for p in points if k < spec.repeats_for(p.world_size)]
 
 
 def check_targets(spec: StudySpec, points: list[Point]) -> None:

@@ -39,9 +39,9 @@ def figures(summary: Summary | None) -> str:
     return " " + ", ".join(out) if out else ""
 
 
-def point_label(p: Point, repeats: int) -> str:
-    """``lenet5-ws2-no-mb64 repeat 2/3`` (the id alone when the study has one repeat)."""
-    return f"{p.id} repeat {p.repeat + 1}/{repeats}" if repeats > 1 else p.id
+def point_label(p: Point) -> str:
+    """``lenet5-ws2-no-mb64 repeat 2/3`` (the id alone when the point runs once)."""
+    return f"{p.id} repeat {p.repeat + 1}/{p.repeats}" if p.repeats > 1 else p.id
 
 
 class StudyProgress:
@@ -49,19 +49,22 @@ class StudyProgress:
 
     def __init__(self) -> None:
         self.total = self.n = 0
-        self.repeats = 1
         self.t0 = time.monotonic()
 
     def say(self, text: str) -> None:
         print(f"[study] {text}", flush=True)
 
-    def start(self, total: int, repeats: int = 1) -> None:
-        self.total, self.repeats = total, repeats
-        self.say(f"{total} points" + (f" ({total // repeats} x {repeats} repeats, round-robin)" if repeats > 1 else ""))
+    def start(self, points: list[Point]) -> None:
+        self.total = len(points)
+        distinct = len({p.id for p in points})
+        counts = sorted({p.repeats for p in points})
+        reps = f"{counts[0]}" if len(counts) == 1 else "-".join(map(str, (counts[0], counts[-1])))
+        self.say(f"{self.total} points" + (f" ({distinct} x {reps} repeats, round-robin)" if self.total > distinct
+                                           else ""))
 
     def begin(self, p: Point, resume: bool = False) -> None:
         how = ", resuming from its checkpoint" if resume else ""
-        self.say(f"{self.n + 1}/{self.total} {point_label(p, self.repeats)} (global batch {p.global_batch}{how}) ...")
+        self.say(f"{self.n + 1}/{self.total} {point_label(p)} (global batch {p.global_batch}{how}) ...")
 
     def done(self, p: Point, rec: PointRecord, summary: Summary | None, skipped: bool) -> None:
         """One point finished (or was ``skipped``, done earlier); its figures from the run's ``summary``."""
@@ -69,7 +72,7 @@ class StudyProgress:
         what = "done earlier, skipped" if skipped else f"{rec.seconds or 0:.0f} s"
         figs = figures(summary) if rec.status == "ok" else ""
         err = f" - {rec.error}" if rec.status != "ok" else ""
-        self.say(f"{self.n}/{self.total} {point_label(p, self.repeats)}: {rec.status}{figs} ({what}){err}")
+        self.say(f"{self.n}/{self.total} {point_label(p)}: {rec.status}{figs} ({what}){err}")
 
     def close(self) -> None:
         self.say(f"finished in {time.monotonic() - self.t0:.0f} s")
@@ -88,12 +91,12 @@ class RichStudyProgress(StudyProgress):
     def say(self, text: str) -> None:
         self.p.console.print(text)
 
-    def start(self, total: int, repeats: int = 1) -> None:
-        self.total, self.repeats = total, repeats
-        self.p.update(self.task, total=total)
+    def start(self, points: list[Point]) -> None:
+        self.total = len(points)
+        self.p.update(self.task, total=self.total)
 
     def begin(self, p: Point, resume: bool = False) -> None:
-        self.p.update(self.task, info=f"running {point_label(p, self.repeats)}" + (" (resumed)" if resume else ""))
+        self.p.update(self.task, info=f"running {point_label(p)}" + (" (resumed)" if resume else ""))
 
     def done(self, p: Point, rec: PointRecord, summary: Summary | None, skipped: bool) -> None:
         super().done(p, rec, summary, skipped)

@@ -81,6 +81,9 @@ class StudySpec:
     """Optimiser steps per point."""
     repeats: int = setting(1, ge=1, cap=1000)
     """Runs of every point, round-robin (every point once, then every point again): the report's spread."""
+    repeats_at: tuple[tuple[int, int], ...] = setting((), free="world sizes and counts checked on load")
+    """Per world size, runs instead of ``repeats``: ``repeats_at: {1: 5, 2: 5}`` runs the points of N = 1 and 2
+    five times (where a point's spread between launches is widest), the others ``repeats`` times."""
     data: str = setting("synthetic", choices=DATASETS)
     """Data set of every point (cifar10, imagefolder, synthetic)."""
     timeout_s: float = setting(900.0, ge=1, cap=30 * 86400)
@@ -115,6 +118,15 @@ class StudySpec:
         """The network profiles of the matrix (``network`` or ``networks``); () when the study has no lab."""
         return self.networks or ((self.network,) if self.network else ())
 
+    def repeats_for(self, world_size: int) -> int:
+        """Runs of a point of this world size: ``repeats_at``'s count for it, else ``repeats``."""
+        return dict(self.repeats_at).get(world_size, self.repeats)
+
+    @property
+    def max_repeats(self) -> int:
+        """The most runs of any point (the round-robin's number of passes)."""
+        return max([self.repeats, *(k for _, k in self.repeats_at)])
+
     def __post_init__(self) -> None:
         src = self.source
         if not self.models:
@@ -134,6 +146,10 @@ class StudySpec:
             raise _fail(src, "give network (one profile) or networks (a list), not both")
         if len(set(self.networks)) != len(self.networks):
             raise _fail(src, f"networks lists a profile twice: {', '.join(self.networks)}")
+        extra = [n for n, _ in self.repeats_at if n not in self.world_sizes]
+        if extra:
+            raise _fail(src, f"repeats_at world sizes {extra} are not among the study's world_sizes "
+                        f"{list(self.world_sizes)}")
         variants = [name for name, _ in self.settings]
         for name, over in self.settings:
             for key, mine in (("world_sizes", self.world_sizes), ("networks", self.profiles)):
@@ -236,6 +252,20 @@ def _max_batch(src: str, value: Any) -> dict[str, int] | None:
     return out
 
 
+def _repeats_at(src: str, value: Any) -> tuple[tuple[int, int], ...]:
+    """``repeats_at: {1: 5, 2: 5}`` -> ``((1, 5), (2, 5))``, each world size and count checked."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise _fail(src, f"repeats_at must be a mapping of world size: runs (e.g. {{1: 5, 2: 5}}), got {short(value)}")
+    out = []
+    for n, k in value.items():
+        n, k = coerce("repeats_at world size", n, int), coerce(f"repeats_at.{n}", k, int)
+        check_value(f"repeats_at.{n}", k, Range(ge=1, cap=1000))
+        out.append((n, k))
+    return tuple(sorted(out))
+
+
 def _network(src: str, value: Any) -> Any:
     """``network: {profile: 1gbit}`` -> ``"1gbit"``; a bare value is checked by the field."""
     if not isinstance(value, dict):
@@ -258,7 +288,8 @@ def _parse(raw: Any, src: str) -> StudySpec:
     kw: dict[str, Any] = {"models": _models(src, raw["models"]),
                           "overrides": tuple(_flatten(src, "overrides", raw.get("overrides") or {}).items()),
                           "settings": _settings(src, raw.get("settings")),
-                          "max_batch": _max_batch(src, raw.get("max_batch"))}
+                          "max_batch": _max_batch(src, raw.get("max_batch")),
+                          "repeats_at": _repeats_at(src, raw.get("repeats_at"))}
     if "network" in raw:
         kw["network"] = coerce("network", _network(src, raw["network"]), str)
     types_ = field_types(StudySpec)
