@@ -254,7 +254,7 @@ def test_split_and_error_figures():
     for bad in ("x=1", "n=", "n=two"):
         with pytest.raises(UserError, match="--fit-on"):
             parse_split(bad)
-    assert parse_terms("none") == T.BASE and parse_terms("abcdef") == ALL_TERMS
+    assert parse_terms("none") == T.BASE and parse_terms("abcdefg") == ALL_TERMS
     assert parse_terms("ad").label() == "a+d"
     with pytest.raises(UserError, match="choose from: a gloo ring"):
         parse_terms("axe")

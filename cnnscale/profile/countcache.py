@@ -38,7 +38,7 @@ __all__ = ["COUNTS_DIR", "count_key", "cached_counts", "source_digest"]
 COUNTS_DIR = "counts"
 """The cache directory's sub-directory for model counts."""
 _PACKAGE = Path(__file__).resolve().parent.parent  # cnnscale/
-_COUNTERS = ("profile/flops.py", "data/fits.py")  # the code that counts, beside the models' own
+_COUNTERS = ("profile/flops.py", "profile/layers.py", "data/fits.py")  # the code that counts, beside the models' own
 
 
 @functools.lru_cache(maxsize=64)

@@ -53,6 +53,7 @@ class Env(Record):
     flops_error: str | None = None            # why FLOPs could not be counted (then both FLOP fields are None)
     param_count: int | None = None            # trainable parameters (the ZeRO memory model's Psi)
     largest_layer_params: int | None = None   # the biggest module's own parameters
+    layers: list | None = None                # [parameters, cost] per layer, forward order (cnnscale.profile.layers)
     predicted_rank_bytes: dict | None = None  # cnnscale.scaling.memory.predict_rank_bytes for this run
     # the processes
     world_size: int | None = None

@@ -39,7 +39,7 @@ __all__ = ["LabResult", "lab_cases", "compare", "lab_result", "parse_split", "pa
            "DEFAULT_SPLIT", "LAB_COLUMNS"]
 
 ALL_TERMS = T.Terms(algorithm="gloo", first_bucket=True, overlap=0.0, straggler=True, contention=0.0,
-                    comm_cpu_s_per_byte=0.0)
+                    comm_cpu_s_per_byte=0.0, layer_timing=True)
 """Every term on, before fitting (overlap, bucket cost, straggler share, contention and comm CPU start at 0)."""
 DEFAULT_SPLIT = fitting.Split("n", (2, 4))
 LAB_COLUMNS = ("model", "settings", "network", "world_size", "repeats", "efficiency", "efficiency_lo",
@@ -69,7 +69,7 @@ class LabResult:
 
 
 def parse_terms(text: str) -> T.Terms:
-    """``--terms``: letters of :data:`cnnscale.scaling.terms.TERM_NAMES` (``abcdef``, ``ad``) or ``none``."""
+    """``--terms``: letters of :data:`cnnscale.scaling.terms.TERM_NAMES` (``abcdefg``, ``ad``) or ``none``."""
     if text == "none":
         return T.BASE
     if not text or any(c not in T.TERM_NAMES for c in text):
@@ -180,7 +180,8 @@ def lab_cases(runs: list[Run], rows: list[dict[str, Any]], fits: dict[str, dict[
                             scaling.grad_bytes(params, hook), float(dist.get("bucket_mb", 25)), step1,
                             crow["step_s"] if crow else None, ics, r["efficiency"], scaling.grad_bytes(params) /
                             scaling.grad_bytes(params, hook), 4.0 * (run.env.largest_layer_params or 0),
-                            _hook_exposed_s(r), _compute_s(r), _compute_s(crow))
+                            _hook_exposed_s(r), _compute_s(r), _compute_s(crow),
+                            tuple(tuple(float(v) for v in row) for row in (run.env.layers or ())))
         out.append((r, case, source))
     return out
 

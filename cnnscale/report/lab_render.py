@@ -76,6 +76,9 @@ def describe_terms(t: T.Terms) -> str:
     if t.comm_cpu_s_per_byte is not None:
         parts.append(f"(f) comm CPU: the compute at N grows by {t.comm_cpu_s_per_byte * 1e9:.2f} ns per byte a "
                      "rank sends")
+    if t.layer_timing:
+        parts.append("(g) layer timing: DDP's buckets cut from the model's layers, each ready when the backward has "
+                     "done its layers (by their MACs; env.json's layer table)")
     return "; ".join(parts) or "none (the base model)"
 
 

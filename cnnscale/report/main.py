@@ -54,9 +54,9 @@ def parser() -> CommandParser:
     ap.add_argument("--predict", action="store_true", help="also show predicted efficiency at 2..1024 workers and, "
                     "for lab points (a network profile), predicted vs measured on the fitted terms (with --csv/--json "
                     "also NAME-lab.csv/.json; with --plots also lab_efficiency.png)")
-    ap.add_argument("--terms", default="abcdef", help="--predict, lab: the model's terms, letters of a (gloo "
-                    "ring), b (DDP buckets), c (overlap), d (straggler), e (contention), f (comm CPU), or none "
-                    "(default: abcdef)")
+    ap.add_argument("--terms", default="abcdefg", help="--predict, lab: the model's terms, letters of a (gloo "
+                    "ring), b (DDP buckets), c (overlap), d (straggler), e (contention), f (comm CPU), g (layer "
+                    "timing), or none (default: abcdefg)")
     ap.add_argument("--fit-on", default="n=2,4", help="--predict, lab: the part of the matrix the terms are fitted "
                     "on, n=N1,N2 or profile=P1,P2; the rest checks them (default: n=2,4)")
     ap.add_argument("--tflops", type=float, help="--predict: assume each worker sustains this many TFLOP/s "

@@ -68,6 +68,8 @@ class Case:
     """The forward+backward time per step of the point (median share x median step), None when not recorded."""
     calib_compute_s: float | None = None
     """The same of its compute_only calibration at N (term f's fit: the growth between the two)."""
+    layers: tuple[tuple[float, float], ...] = ()
+    """(parameters, cost) per layer of the model in forward order (term g; :mod:`cnnscale.profile.layers`)."""
 
 
 @dataclass(frozen=True)
@@ -94,14 +96,15 @@ def _ic(case: Case, terms: Terms) -> Interconnect:
 def predict(case: Case, terms: Terms = BASE) -> float:
     """Predicted efficiency of ``case`` with ``terms``."""
     return efficiency(case.compute1_s, case.nbytes, case.n, _ic(case, terms), case.bucket_mb, terms,
-                      case.computeN_s, compression=case.compression, largest_bytes=case.largest_bytes)
+                      case.computeN_s, compression=case.compression, largest_bytes=case.largest_bytes,
+                      layers=case.layers)
 
 
 def predict_exposed_s(case: Case, terms: Terms = BASE) -> float:
     """The communication the model leaves exposed per step for ``case`` (step less the compute at N), seconds."""
     ic = _ic(case, terms)
     step = step_s(case.compute1_s, case.nbytes, case.n, ic, case.bucket_mb, terms, case.computeN_s,
-                  compression=case.compression, largest_bytes=case.largest_bytes)
+                  compression=case.compression, largest_bytes=case.largest_bytes, layers=case.layers)
     return step - compute_at(case.n, case.compute1_s, case.computeN_s, terms, case.nbytes)
 
 

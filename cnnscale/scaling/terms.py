@@ -45,6 +45,14 @@ A step on N workers takes ``compute(N) + exposed(N)``; the efficiency against on
   +0.15 .. +0.17 s for 59 MB; LeNet-5 +0.2 .. +0.8 ms for 0.25 MB; the lab export's ``fwd_bwd_ms`` and
   ``calib_fwd_bwd_ms``): the full fit reads 2.6 ns per byte. Fitted to that growth
   (:func:`cnnscale.scaling.fit.fit_comm_cpu`) where the records have it, else to the efficiency.
+- **(g) layer timing**: when each bucket is ready. Without it a bucket is ready once the backward has run the share
+  of its time that the bucket's bytes are of the gradient. But the backward reaches the layers last to first, and
+  these CNNs hold their bytes at the end and their work at the start: ResNet-18's layer4 is 75% of the parameters
+  and 24% of the multiply-accumulates, so three quarters of its gradient is ready a quarter of the way into the
+  backward, not three quarters. With (g) the buckets are DDP's, cut from the model's own layers in backward order
+  (a 1 MiB first bucket with (b), then ``bucket_mb``; a bucket closes at the layer that reaches its cap), and each
+  is ready when the backward has done the layers down to its last, in proportion to their cost
+  (:mod:`cnnscale.profile.layers`: MACs per layer). Nothing to fit; off where a case has no layer table.
 
 Pure arithmetic, no torch. Cost: microseconds per prediction.
 """
@@ -60,7 +68,7 @@ from cnnscale.scaling.model import Interconnect, bucket_sizes, ring_allreduce_s,
 
 __all__ = ["Terms", "BASE", "TERM_NAMES", "GLOO_MAX_SEGMENT_BYTES", "DDP_FIRST_BUCKET_BYTES", "REDUCE_BPS",
            "gloo_segments", "gloo_allreduce_s", "allreduce_s", "ddp_buckets", "exposed_s", "step_s",
-           "efficiency", "fit_gloo", "without", "compute_at", "wire_bytes"]
+           "efficiency", "fit_gloo", "without", "compute_at", "wire_bytes", "layer_buckets"]
 
 GLOO_MAX_SEGMENT_BYTES = 2**20
 """gloo's AllreduceOptions::kMaxSegmentSize: the largest message of its ring."""
@@ -70,7 +78,7 @@ REDUCE_BPS = 2e9
 """Bytes per second one CPU core sums fp32 in gloo's reduce-scatter (memory bound: two reads and a write per value)."""
 
 TERM_NAMES = {"a": "gloo ring", "b": "DDP buckets", "c": "overlap", "d": "straggler", "e": "contention",
-              "f": "comm CPU"}
+              "f": "comm CPU", "g": "layer timing"}
 """The terms by letter, as the module docstring names them."""
 
 
@@ -96,12 +104,15 @@ class Terms:
     """(e) an all-reduce takes 1 + this times its benchmark time during training; None: off (0)."""
     comm_cpu_s_per_byte: float | None = None
     """(f) compute seconds the communication takes from the backward per byte a rank sends; None: off (0)."""
+    layer_timing: bool = False
+    """(g) buckets cut from the model's layers and ready when the backward has done them (by their cost)."""
 
     def label(self) -> str:
         """The terms that are on, e.g. ``a+b+d`` (``none`` when none is)."""
         on = [k for k, v in (("a", self.algorithm == "gloo"), ("b", self.first_bucket or self.bucket_cost_s > 0),
                              ("c", self.overlap is not None), ("d", self.straggler),
-                             ("e", self.contention is not None), ("f", self.comm_cpu_s_per_byte is not None))
+                             ("e", self.contention is not None), ("f", self.comm_cpu_s_per_byte is not None),
+                             ("g", self.layer_timing))
               if v]
         return "+".join(on) or "none"
 
@@ -114,7 +125,7 @@ def without(terms: Terms, letter: str) -> Terms:
     """``terms`` with term ``letter`` (a .. f) switched off."""
     off = {"a": {"algorithm": "ring"}, "b": {"first_bucket": False, "bucket_cost_s": 0.0}, "c": {"overlap": None},
            "d": {"straggler": False, "straggler_frac": 0.0}, "e": {"contention": None},
-           "f": {"comm_cpu_s_per_byte": None}}
+           "f": {"comm_cpu_s_per_byte": None}, "g": {"layer_timing": False}}
     if letter not in off:
         raise ValueError(f"unknown term {letter!r} (choose from: {', '.join(off)})")
     return replace(terms, **off[letter])
@@ -165,12 +176,43 @@ def ddp_buckets(total_bytes: float, bucket_mb: float, first_bucket: bool = False
     return [first] + bucket_sizes(total_bytes - first, bucket_mb)
 
 
-def _exposed(buckets: Sequence[float], times: Sequence[float], backward_s: float, overlap: float) -> float:
-    """The overlap rule of :func:`cnnscale.scaling.model.exposed_comm_s` on given bucket times."""
+def layer_buckets(layers: Sequence[tuple[float, float]], bucket_mb: float, first_bucket: bool = False,
+                  total_bytes: float = 0.0) -> list[tuple[float, float]]:
+    """Term (g): (fp32 bytes, share of the backward done when it is ready) of each DDP bucket, in the order they
+    are all-reduced. ``layers``: (parameters, cost) per layer in forward order (:mod:`cnnscale.profile.layers`);
+    DDP's rule on them reversed: a bucket closes at the layer that brings it to its cap (1 MiB for the first with
+    ``first_bucket``, else ``bucket_mb`` MiB), the rest is the last bucket. ``total_bytes``: scale the layers'
+    bytes to this gradient (0: 4 bytes per parameter)."""
+    rev = [(4.0 * p, c) for p, c in reversed(layers)]
+    total_cost, grad = sum(c for _, c in rev), sum(b for b, _ in rev)
+    if grad <= 0 or total_cost <= 0:
+        return []
+    scale = total_bytes / grad if total_bytes > 0 else 1.0
+    cap_rest = bucket_mb * 2**20
+    cap = float(DDP_FIRST_BUCKET_BYTES) if first_bucket else cap_rest
+    out, size, done = [], 0.0, 0.0
+    for nbytes, cost in rev:
+        done += cost
+        if nbytes <= 0:
+            continue
+        size += nbytes * scale
+        if size >= cap:
+            out.append((size, done / total_cost))
+            size, cap = 0.0, cap_rest
+    if size > 0:
+        out.append((size, 1.0))
+    return out
+
+
+def _exposed(buckets: Sequence[float], times: Sequence[float], backward_s: float, overlap: float,
+             ready: Sequence[float] | None = None) -> float:
+    """The overlap rule of :func:`cnnscale.scaling.model.exposed_comm_s` on given bucket times; ``ready``: the
+    share of the backward done when each bucket is ready (term g), else its bytes' share of the gradient."""
     produced, t_free, grad_total = 0.0, 0.0, sum(buckets)
-    for size, t in zip(buckets, times):
+    for i, (size, t) in enumerate(zip(buckets, times)):
         produced += size
-        t_free = max(backward_s * produced / grad_total, t_free) + t
+        at = ready[i] if ready is not None else produced / grad_total
+        t_free = max(backward_s * at, t_free) + t
     return overlap * max(t_free - backward_s, 0.0) + (1 - overlap) * sum(times)
 
 
@@ -184,14 +226,21 @@ def exposed_s(buckets: Sequence[float], n: int, ic: Interconnect, backward_s: fl
 
 @functools.lru_cache(maxsize=4096)
 def _bucket_times(nbytes: float, n: int, ic: Interconnect, bucket_mb: float, algorithm: str, first_bucket: bool,
-                  reduce_Bps: float, compression: float, largest_bytes: float
-                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The buckets (bytes on the wire) and their all-reduce times before the per-bucket cost and the contention
-    (cached: fits call this ~10^5 times). DDP fills buckets by fp32 bytes; a hook then sends 1/compression of them."""
-    buckets = tuple(b / compression for b in ddp_buckets(nbytes * compression, bucket_mb, first_bucket,
-                                                          largest_bytes))
+                  reduce_Bps: float, compression: float, largest_bytes: float,
+                  layers: tuple[tuple[float, float], ...] = ()
+                  ) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...] | None]:
+    """The buckets (bytes on the wire), their all-reduce times before the per-bucket cost and the contention, and
+    their ready shares of the backward (term g, from ``layers``; None without) (cached: fits call this ~10^5
+    times). DDP fills buckets by fp32 bytes; a hook then sends 1/compression of them."""
+    ready = None
+    if layers:
+        cut = layer_buckets(layers, bucket_mb, first_bucket, nbytes * compression)
+        buckets, ready = tuple(b / compression for b, _ in cut), tuple(r for _, r in cut)
+    else:
+        buckets = tuple(b / compression for b in ddp_buckets(nbytes * compression, bucket_mb, first_bucket,
+                                                              largest_bytes))
     plain = Terms(algorithm=algorithm, reduce_Bps=reduce_Bps)
-    return buckets, tuple(allreduce_s(b, n, ic, plain) for b in buckets)
+    return buckets, tuple(allreduce_s(b, n, ic, plain) for b in buckets), ready
 
 
 def compute_at(n: int, compute1_s: float, computeN_s: float | None, terms: Terms, nbytes: float = 0.0) -> float:
@@ -207,28 +256,32 @@ def compute_at(n: int, compute1_s: float, computeN_s: float | None, terms: Terms
 
 def step_s(compute1_s: float, nbytes: float, n: int, ic: Interconnect, bucket_mb: float = 25.0,
            terms: Terms = BASE, computeN_s: float | None = None, backward_frac: float = 2 / 3,
-           compression: float = 1.0, largest_bytes: float = 0.0) -> float:
+           compression: float = 1.0, largest_bytes: float = 0.0,
+           layers: tuple[tuple[float, float], ...] = ()) -> float:
     """Predicted seconds per optimiser step at ``n`` workers (weak scaling). ``nbytes``: bytes on the wire;
     ``compression``: fp32 gradient bytes per byte on the wire (2 under an fp16/bf16 hook: DDP's buckets are cut
-    by fp32 bytes); ``largest_bytes``: the largest layer's fp32 gradient (term b's first bucket)."""
+    by fp32 bytes); ``largest_bytes``: the largest layer's fp32 gradient (term b's first bucket); ``layers``:
+    (parameters, cost) per layer in forward order (term g; :mod:`cnnscale.profile.layers`)."""
     compute = compute_at(n, compute1_s, computeN_s, terms, nbytes)
     if n <= 1 or nbytes <= 0:
         return compute
-    buckets, times = _bucket_times(nbytes, n, ic, bucket_mb, terms.algorithm, terms.first_bucket, terms.reduce_Bps,
-                                   compression, largest_bytes)
+    buckets, times, ready = _bucket_times(nbytes, n, ic, bucket_mb, terms.algorithm, terms.first_bucket,
+                                          terms.reduce_Bps, compression, largest_bytes,
+                                          tuple(layers) if terms.layer_timing else ())
     slow = 1 + (terms.contention or 0.0)
     times = tuple(t * slow + terms.bucket_cost_s for t in times)
     overlap = ic.overlap if terms.overlap is None else terms.overlap
-    return compute + _exposed(buckets, times, compute * backward_frac, overlap)
+    return compute + _exposed(buckets, times, compute * backward_frac, overlap, ready)
 
 
 def efficiency(compute1_s: float, nbytes: float, n: int, ic: Interconnect, bucket_mb: float = 25.0,
                terms: Terms = BASE, computeN_s: float | None = None, backward_frac: float = 2 / 3,
-               compression: float = 1.0, largest_bytes: float = 0.0) -> float:
+               compression: float = 1.0, largest_bytes: float = 0.0,
+               layers: tuple[tuple[float, float], ...] = ()) -> float:
     """Predicted weak-scaling efficiency at ``n`` against one worker: ``compute(1) / step(n)`` (arguments as
     :func:`step_s`)."""
     return compute1_s / step_s(compute1_s, nbytes, n, ic, bucket_mb, terms, computeN_s, backward_frac, compression,
-                               largest_bytes)
+                               largest_bytes, layers)
 
 
 def fit_gloo(sizes: Sequence[float], times: Sequence[float], n: int, name: str = "measured",

@@ -29,6 +29,7 @@ from cnnscale.profile import gpus
 from cnnscale.profile.commhook import timed_ddp_handler
 from cnnscale.profile.countcache import cached_counts, count_key
 from cnnscale.profile.flops import count_flops
+from cnnscale.profile.layers import zoo_layers
 from cnnscale.profile.mfu import MfuInputs
 from cnnscale.train import deepspeed as ds_config
 from cnnscale.train import trackers
@@ -55,7 +56,7 @@ def _import_deepspeed() -> None:
 
 __all__ = ["build_accelerator", "unwrap_model", "resolve_device", "process_device", "check_gpu_count", "check_ddp",
            "collective_timeout", "COMPILE_TIMEOUT_S", "apply_fast_path", "build_model", "compile_model",
-           "steps_per_epoch", "total_steps", "model_flops", "train_flops_per_image", "mfu_inputs"]
+           "steps_per_epoch", "total_steps", "model_flops", "model_layers", "train_flops_per_image", "mfu_inputs"]
 
 
 def _cache_accelerate_lomo_check() -> None:
@@ -250,6 +251,16 @@ def model_flops(mcfg: ModelConfig, image_shape: tuple[int, int, int] = (3, 32, 3
 def train_flops_per_image(name: str, num_classes: int = 10, width_mult: float | None = None) -> float:
     """Forward+backward FLOPs of one 32x32 training image of model ``name`` (cached)."""
     return model_flops(ModelConfig(name=name, num_classes=num_classes, width_mult=width_mult))["train_flops_per_img"]
+
+
+def model_layers(mcfg: ModelConfig) -> list[list[float]] | None:
+    """env.json's ``layers``: (parameters, cost) per layer in forward order (:func:`cnnscale.profile.layers.zoo_layers`,
+    counted on the meta device, cached), the scaling model's term (g); None for a model the meta device cannot run
+    (the report then times the buckets by their bytes)."""
+    try:
+        return [list(row) for row in zoo_layers(mcfg.name, mcfg.num_classes, mcfg.width_mult)]
+    except Exception:  # an exotic model the meta forward cannot run: term (g) is off for its runs, training goes on
+        return None
 
 
 def mfu_inputs(cfg: Config) -> tuple[MfuInputs, dict[str, float | None]]:

@@ -39,6 +39,7 @@ from cnnscale.train.build import (
     build_model,
     compile_model,
     mfu_inputs,
+    model_layers,
     steps_per_epoch,
     total_steps,
     unwrap_model,
@@ -95,7 +96,8 @@ def _build(cfg: Config, acc: Any, task: Task | None, model: nn.Module | None, t_
     parts = Parts(cfg, acc, task, prepared, prepared_opt, scheduler, train_dl, val_dl, test_dl, prof,
                   RunFiles(run_dir, acc), total, per_epoch, optimizer, ds_config.input_dtype(acc), clip, n_params,
                   t_start)
-    parts.env_extra = _env_extra(parts, {**fast_env, "model": cfg.model.name, "params": n_params, **flops, **data.env},
+    parts.env_extra = _env_extra(parts, {**fast_env, "model": cfg.model.name, "params": n_params, **flops,
+                                          "layers": model_layers(cfg.model), **data.env},
                                  param_counts)
     return parts
 
