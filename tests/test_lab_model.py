@@ -45,8 +45,14 @@ LARGEST = {"lenet5": 48_120, "vgg16": 2_359_808}    # the largest layer's parame
 STEP1 = {"lenet5": 0.011, "vgg16": 0.60}          # seconds per step at N=1
 LINKS = {"10gbit": 1.1e9, "1gbit": 110e6, "200mbit": 23e6}  # bytes/s the shaped links "deliver"
 ALPHA = 60e-6                                      # seconds per gloo message
+# (parameters, MACs) per layer in forward order, as env.json records them (term g): VGG-16's bytes at the end, its
+# work at the start
+LAYERS = {"lenet5": ((456, 0.09e6), (2416, 0.24e6), (48120, 0.05e6), (10164, 0.01e6), (850, 840.0)),
+          "vgg16": ((1792, 1.8e6), (36928, 37.7e6), (73856, 18.9e6), (147584, 37.7e6), (295168, 18.9e6),
+                    (590080, 37.7e6), (590080, 37.7e6), (1180160, 18.9e6), (2359808, 37.7e6), (2359808, 37.7e6),
+                    (2359808, 9.4e6), (2359808, 9.4e6), (2359808, 9.4e6), (5130, 5120.0))}
 TRUTH = T.Terms(algorithm="gloo", first_bucket=True, bucket_cost_s=2e-3, overlap=0.3, straggler=True,
-                straggler_frac=0.1, contention=1.0, comm_cpu_s_per_byte=3e-9)
+                straggler_frac=0.1, contention=1.0, comm_cpu_s_per_byte=3e-9, layer_timing=True)
 JITTER = (1.0, 1.02, 0.98)                         # per repeat, on the step time at N > 1
 
 
@@ -67,7 +73,7 @@ def _run(root: Path, pid: str, model: str, n: int, repeat: int, step_s: float, s
     if settings == "compute_only":  # as the lab writes it: in the namespaces, unshaped, no network axis
         rec = {"profile": "unshaped", "rate_bps": None, "measured": None, "namespaces": n}
     write_env(d, Env(model=model, params=PARAMS[model], largest_layer_params=LARGEST[model], world_size=n,
-                     device_type="cpu", network=rec))
+                     device_type="cpu", network=rec, layers=[list(row) for row in LAYERS[model]]))
     hook = {} if exposed_s is None else {"train_time_s": 10 * step_s, "sync_s": 10 * exposed_s,
                                          "fwd_bwd_s": 10 * (step_s - exposed_s), "comm_timed_hook": "allreduce"}
     if compute_s is not None:
@@ -93,7 +99,7 @@ def _truth_step(model: str, n: int, profile: str, dist: dict) -> float:
     ic = Interconnect("truth", LINKS[profile], ALPHA, 0.0)
     return T.step_s(STEP1[model], nbytes, n, ic, float(dist.get("bucket_mb", 25)), TRUTH,
                     STEP1[model] * _coloc(n), compression=scaling.grad_bytes(PARAMS[model]) / nbytes,
-                    largest_bytes=4 * LARGEST[model])
+                    largest_bytes=4 * LARGEST[model], layers=LAYERS[model])
 
 
 def _truth_exposed(model: str, n: int, profile: str, dist: dict) -> float:
@@ -150,7 +156,7 @@ def test_base_terms_are_todays_model():
         for nbytes in (1e5, 44e6, 58.9e6):
             assert T.efficiency(0.5, nbytes, n, ic) == pytest.approx(scaling.predict_efficiency(0.5, nbytes, n, ic),
                                                                      rel=1e-12)
-    assert T.BASE.label() == "none" and ALL_TERMS.label() == "a+b+c+d+e+f"
+    assert T.BASE.label() == "none" and ALL_TERMS.label() == "a+b+c+d+e+f+g"
 
 
 def test_gloo_ring_counts_its_segments_and_hides_the_reduction():
@@ -227,7 +233,7 @@ def test_overlap_and_straggler_terms():
                            calib_compute_s=2.0) for n, b in ((2, 1e7), (4, 4e7)) for w in [T.wire_bytes(b, n)]]
     assert fitting.fit_comm_cpu(growth) == pytest.approx(3e-9)
     assert fitting.fit_comm_cpu([_case(2, 1e7, 2.0)]) is None       # no forward+backward times: nothing to fit to
-    with pytest.raises(ValueError, match="choose from: a, b, c, d, e, f"):
+    with pytest.raises(ValueError, match="choose from: a, b, c, d, e, f, g"):
         T.without(TRUTH, "z")
 
 
@@ -338,7 +344,7 @@ def test_fitted_terms_recover_the_truth_and_the_check_part_agrees(tmp_path):
     base = next(fg for name, _, fg in res.ablation if name.startswith("base"))
     assert base["all"]["worst"] > 10 * res.figures["all"]["worst"]
     without = {name[9:10]: fg for name, _, fg in res.ablation if name.startswith("without")}
-    assert set(without) == {"a", "b", "c", "d", "e", "f"}
+    assert set(without) == {"a", "b", "c", "d", "e", "f", "g"}
     assert all(fg["check"]["worst"] > res.figures["check"]["worst"] for fg in without.values())
     assert all(p["within_noise"] for p in res.points if p["ruled_by"] == "link")
     # the cross-checks: fit on two profiles, check on the third (the slowest, then the fastest)
@@ -353,6 +359,7 @@ def test_with_the_hooks_timing_the_communication_terms_are_fitted_to_it(tmp_path
     assert all(c.measured_exposed_s == pytest.approx(_truth_exposed(r["model"], c.n, c.profile,
                                                                     VARIANTS[r["model"], r["settings"]]))
                for r, c, _ in entries)
+    assert all(c.layers == tuple((float(p), float(m)) for p, m in LAYERS[row["model"]]) for row, c, _ in entries)
     res = compare(entries)
     assert res.fit_target == "hook"
     t = res.terms

@@ -73,6 +73,8 @@ def test_only_rank0_writes_records_and_report_renders(tmp_path):
     for key in ("versions", "world_size", "num_nodes", "hostnames", "slurm", "git_sha", "device_name"):
         assert key in env
     assert len(env["hostnames"]) == 2 and env["num_nodes"] == 1
+    # term (g)'s layer table: LeNet-5's 5 layers (2 convolutions, 3 linear), parameters summing to the model's
+    assert [p for p, _ in env["layers"]] == [456, 2416, 48120, 10164, 850] and all(c > 0 for _, c in env["layers"])
     cfg = (out / "config.yaml").read_text()
     assert "lenet5" in cfg and "micro_batch: 16" in cfg
     rep = run([PY, "-m", "cnnscale", "report", str(out)], timeout=120)

@@ -50,7 +50,7 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32))
             return
         seen[id(module)] = len(rows)
         params = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
-        rows.append((params, _cost(module, inp, out) / max(input_shape[0], 1)))
+        rows.append((params, _cost(module, inp, out)))
 
     leaves = [m for m in model.modules() if not list(m.children()) and any(
         p.requires_grad for p in m.parameters(recurse=False))]
