@@ -72,7 +72,7 @@ def describe_terms(t: T.Terms) -> str:
         parts.append("(d) straggler: compute at N from the compute_only run at N (rank 0's step, not the slowest: "
                      f"per-rank times are not recorded) + {t.straggler_frac:.2f} x (N-1)/N of it")
     if t.contention is not None:
-        parts.append(f"(e) contention: an all-reduce takes {1 + t.contention:.1f}x its benchmark time in training")
+        parts.append(f"(e) contention: an all-reduce takes {1 + t.contention:.2f}x its benchmark time in training")
     if t.comm_cpu_s_per_byte is not None:
         parts.append(f"(f) comm CPU: the compute at N grows by {t.comm_cpu_s_per_byte * 1e9:.2f} ns per byte a "
                      "rank sends")
@@ -95,7 +95,7 @@ def _values(t: T.Terms) -> str:
     parts = [f"overlap {t.overlap:.2f}" if t.overlap is not None else "",
              f"{t.bucket_cost_s * 1e3:.2f} ms/bucket" if t.first_bucket or t.bucket_cost_s > 0 else "",
              f"straggler {t.straggler_frac:.2f}" if t.straggler else "",
-             f"contention {t.contention:.1f}" if t.contention is not None else "",
+             f"contention {t.contention:.2f}" if t.contention is not None else "",
              f"comm CPU {t.comm_cpu_s_per_byte * 1e9:.2f} ns/B" if t.comm_cpu_s_per_byte is not None else ""]
     return ", ".join(p for p in parts if p) or "nothing fitted"
 

@@ -40,7 +40,7 @@ COMM_SHARE_MAX = 0.10
 OVERLAPS = tuple(i / 50 for i in range(51))
 BUCKET_COSTS_S = tuple(i * 0.25e-3 for i in range(81))
 STRAGGLER_FRACS = tuple(i / 50 for i in range(51))
-CONTENTIONS = tuple(i / 10 for i in range(61))
+CONTENTIONS = tuple(i / 20 for i in range(-10, 121))
 COMM_CPU_S_PER_BYTE = tuple(i * 0.25e-9 for i in range(81))
 SPLIT_KINDS = ("n", "profile")
 
@@ -125,9 +125,10 @@ def _loss(cases: Sequence[Case], terms: Terms) -> float:
     return sum(errs) / len(errs) if errs else 0.0
 
 
-BOUNDS = {"overlap": (0.0, 1.0), "bucket_cost_s": (0.0, 0.02), "straggler_frac": (0.0, 1.0), "contention": (0.0, 6.0),
+BOUNDS = {"overlap": (0.0, 1.0), "bucket_cost_s": (0.0, 0.02), "straggler_frac": (0.0, 1.0), "contention": (-0.5, 6.0),
           "comm_cpu_s_per_byte": (0.0, 2e-8)}
-"""The fitted values' ranges."""
+"""The fitted values' ranges (contention below 0: training's all-reduce faster than the benchmark's, as
+:mod:`cnnscale.scaling.terms` term (e) says)."""
 
 
 def free_values(terms: Terms) -> list[str]:
