@@ -489,7 +489,8 @@ SPEC_INVALID: dict[str, Any] = {
     "precisions": ["fp8"], "micro_batches": [0], "global_batch": -1, "grad_accum": 0, "max_micro_batch": -1,
     "min_micro_batch": 0, "max_steps": 0, "data": "mnist", "timeout_s": 0, "threads_per_process": -1,
     "launcher": "mpirun", "overrides": {"lr": 1}, "settings": {"bad name": {}}, "max_batch": {"start": 0},
-    "allreduce_bench": None, "gpus_per_node": -1, "repeats": 0, "networks": ["fast"], "network": "1 gbit",
+    "allreduce_bench": None, "gpus_per_node": -1, "repeats": 0, "repeats_at": {1: 0},
+    "networks": ["fast"], "network": "1 gbit",
 }
 
 

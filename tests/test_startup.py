@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -208,6 +209,10 @@ def test_a_live_communication_thread_is_seen_so_the_exit_stays_as_it_was() -> No
     finally:
         release.set()
         thread.join(30)
+    # join returns once the Python thread is done; the kernel drops its task from /proc a moment later
+    deadline = time.monotonic() + 10
+    while sorted(trainer_main.comm_threads() or []) != sorted(before) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert sorted(trainer_main.comm_threads() or []) == sorted(before)
 
 
