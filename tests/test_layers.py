@@ -1,4 +1,5 @@
-"""Term (g) of the scaling model: the zoo's layer tables (:mod:`cnnscale.profile.layers`), the buckets cut from them
+"""Term (g) of the scaling model: the zoo's layer tables (:mod:`cnnscale.profile.layers`,
+:func:`cnnscale.train.build.zoo_layers`), the buckets cut from them
 against DDP's own bucket assignment, when each is ready, and what that changes in a predicted step. In process,
 on the meta device (no training run)."""
 
@@ -9,9 +10,10 @@ import torch
 import torch.distributed as dist
 
 from cnnscale.models import create_model, list_models
-from cnnscale.profile.layers import layer_table, zoo_layers
+from cnnscale.profile.layers import layer_table
 from cnnscale.scaling import terms as T
 from cnnscale.scaling.model import Interconnect
+from cnnscale.train.build import zoo_layers
 
 MiB = 2**20
 

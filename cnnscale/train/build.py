@@ -29,7 +29,7 @@ from cnnscale.profile import gpus
 from cnnscale.profile.commhook import timed_ddp_handler
 from cnnscale.profile.countcache import cached_counts, count_key
 from cnnscale.profile.flops import count_flops
-from cnnscale.profile.layers import zoo_layers
+from cnnscale.profile.layers import layer_table
 from cnnscale.profile.mfu import MfuInputs
 from cnnscale.train import deepspeed as ds_config
 from cnnscale.train import trackers
@@ -56,7 +56,8 @@ def _import_deepspeed() -> None:
 
 __all__ = ["build_accelerator", "unwrap_model", "resolve_device", "process_device", "check_gpu_count", "check_ddp",
            "collective_timeout", "COMPILE_TIMEOUT_S", "apply_fast_path", "build_model", "compile_model",
-           "steps_per_epoch", "total_steps", "model_flops", "model_layers", "train_flops_per_image", "mfu_inputs"]
+           "steps_per_epoch", "total_steps", "model_flops", "zoo_layers", "model_layers", "train_flops_per_image",
+           "mfu_inputs"]
 
 
 def _cache_accelerate_lomo_check() -> None:
@@ -253,10 +254,26 @@ def train_flops_per_image(name: str, num_classes: int = 10, width_mult: float | 
     return model_flops(ModelConfig(name=name, num_classes=num_classes, width_mult=width_mult))["train_flops_per_img"]
 
 
+@functools.lru_cache(maxsize=32)
+def zoo_layers(name: str, num_classes: int | None = 10, width_mult: float | None = None
+               ) -> tuple[tuple[float, float], ...]:
+    """:func:`cnnscale.profile.layers.layer_table` of registered model ``name`` on CIFAR's 32x32 input, as
+    ``((params, cost), ...)``, counted on a meta copy once per host and model config (cached like the FLOPs)."""
+
+    def count() -> dict[str, float]:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # model init must not consume the training RNG
+            model = create_model(name, num_classes=num_classes, width_mult=width_mult)
+        return {f"{kind}{i:04d}": float(v) for i, row in enumerate(layer_table(model)) for kind, v in zip("pc", row)}
+
+    key = count_key("layers", name, num_classes, width_mult, (1, 3, 32, 32), get_model_builder(name))
+    counts = cached_counts(key, count)
+    return tuple((counts[f"p{i:04d}"], counts[f"c{i:04d}"]) for i in range(len(counts) // 2))
+
+
 def model_layers(mcfg: ModelConfig) -> list[list[float]] | None:
-    """env.json's ``layers``: (parameters, cost) per layer in forward order (:func:`cnnscale.profile.layers.zoo_layers`,
-    counted on the meta device, cached), the scaling model's term (g); None for a model the meta device cannot run
-    (the report then times the buckets by their bytes)."""
+    """env.json's ``layers``: (parameters, cost) per layer in forward order (:func:`zoo_layers`), the scaling
+    model's term (g); None for a model the meta device cannot run (the report then times the buckets by their
+    bytes)."""
     try:
         return [list(row) for row in zoo_layers(mcfg.name, mcfg.num_classes, mcfg.width_mult)]
     except Exception:  # an exotic model the meta forward cannot run: term (g) is off for its runs, training goes on
